@@ -1,0 +1,1092 @@
+//! The spool: a crash-safe, bounded, per-target segment log on disk.
+//!
+//! One [`Spool`] owns one directory, `<buffer.dir>/<target>/`, and keeps the
+//! requests meant for that target while it cannot take them, in the order
+//! forkd accepted them. It is a synchronous storage engine: appends are queued
+//! to a dedicated writer thread (std::fs, one `fdatasync` per batch), reads are
+//! positioned reads on the segment files. Async callers only await completions.
+//!
+//! # Positions
+//!
+//! Every frame has a log position (LSN): a byte offset in one endless log made
+//! of the data areas of all segments (segment headers are not counted). A
+//! segment file is named after the position of its first frame, so a position
+//! maps to a file and an offset without any index on disk.
+//!
+//! # Directory
+//!
+//! ```text
+//! <dir>/lock                      flock(2) held by the one process that writes here
+//! <dir>/cursor                    position of the oldest record not yet delivered
+//! <dir>/00000000000000000000.seg  segments, named by base position, 20 digits
+//! <dir>/00000000000067108864.seg
+//! <dir>/rejected/00000000000000000000.rec   records the target refused for good
+//! ```
+//! Files are created 0600 and directories 0700.
+//!
+//! # Segment file
+//!
+//! All integers little-endian.
+//!
+//! ```text
+//! offset size  field
+//!      0    8  magic "FORKDSEG"
+//!      8    2  format version (1)
+//!     10    2  header length (32)
+//!     12    4  reserved, zero
+//!     16    8  base position (must equal the file name)
+//!     24    4  reserved, zero
+//!     28    4  CRC-32C of bytes 0..28
+//!     32    …  record frames, back to back
+//! ```
+//!
+//! # Record frame
+//!
+//! ```text
+//! offset size  field
+//!      0    4  magic "FKR1"
+//!      4    4  payload length P
+//!      8    4  header CRC: CRC-32C of bytes 0..8
+//!     12    4  record CRC: CRC-32C of bytes 0..12 followed by the payload
+//!     16    P  payload
+//! ```
+//!
+//! The header CRC makes the length trustworthy on its own, so a damaged payload
+//! costs one record and the scan continues right after it. A frame whose
+//! header is damaged is skipped by searching forward for the next valid frame.
+//!
+//! # Payload
+//!
+//! ```text
+//! u64        accepted-at, milliseconds since the Unix epoch
+//! u8  + …    method
+//! u16 + …    request id (UTF-8)
+//! u32 + …    path and query
+//! u16        header count N, then N times: u16 + name, u32 + value
+//! u32 + …    body (must end exactly at the end of the payload)
+//! ```
+//!
+//! # Cursor
+//!
+//! The file `cursor` holds the position of the oldest undelivered record
+//! (magic `FKCURSR1`, u64, CRC-32C; replaced by temp file + rename + directory
+//! fsync). Acknowledgements move the cursor in memory; the writer makes it
+//! durable at most `cursor_sync_interval` later and at close. A crash in that
+//! window re-delivers the records acknowledged in it (at-least-once). A segment
+//! wholly behind the cursor is deleted only after that cursor is durable.
+//!
+//! # Recovery at open
+//!
+//! Every segment after the cursor is scanned and every record CRC checked. A
+//! torn tail (an incomplete frame or zero fill at the end of the last segment)
+//! is truncated; a damaged record anywhere is skipped and counted; a segment
+//! that cannot be read or has a bad header is skipped with a warning; temp
+//! files are removed; segments wholly behind the cursor are deleted.
+//!
+//! # Bounds and admission
+//!
+//! `max_size` bounds the bytes of unacknowledged records, framing included,
+//! plus outstanding reservations. The daemon reserves a record's size before
+//! it forwards anything ([`Spool::try_reserve`]); `when_full` decides a
+//! reservation that does not fit. Appends after admission may overcommit
+//! ([`Spool::reserve_overcommit`]) by at most what is in flight. Segments are
+//! at most a quarter of `max_size` (and never under 64 KiB), so the disk
+//! holds at most about `max_size` plus one segment.
+
+mod cursor;
+mod format;
+mod fsutil;
+pub mod inspect;
+mod rejected;
+mod scan;
+mod writer;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tokio::sync::{oneshot, watch};
+
+pub use format::{DecodeError, Record, truncate_to_millis};
+pub use rejected::RejectedStats;
+
+use format::SEGMENT_HEADER_LEN;
+use fsutil::DirLock;
+use writer::{Active, Append, Cmd, Writer};
+
+/// Smallest segment the spool will make when it shrinks segments to fit a small `max_size`.
+pub const MIN_SEGMENT_SIZE: u64 = 64 << 10;
+/// Default segment size.
+pub const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
+
+/// When appended records are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// An append completes after an `fdatasync` covering it (group commit).
+    Always,
+    /// Never fsync while running (the OS writes back); sync at clean close.
+    Never,
+    /// Appends complete after `write`; data is synced at most this long after.
+    Interval(Duration),
+}
+
+impl fmt::Display for FsyncPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FsyncPolicy::Always => f.write_str("always"),
+            FsyncPolicy::Never => f.write_str("never"),
+            FsyncPolicy::Interval(d) => write!(f, "{}", humantime::format_duration(*d)),
+        }
+    }
+}
+
+impl FromStr for FsyncPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(FsyncPolicy::Always),
+            "never" => Ok(FsyncPolicy::Never),
+            other => match humantime::parse_duration(other) {
+                Ok(d) if !d.is_zero() => Ok(FsyncPolicy::Interval(d)),
+                Ok(_) => Err("an fsync interval must be above zero".into()),
+                Err(_) => Err(format!(
+                    "expected \"always\", \"never\" or an interval such as \"100ms\", got {other:?}"
+                )),
+            },
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FsyncPolicy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for FsyncPolicy {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What happens to a reservation that does not fit under `max_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Refuse it: the daemon answers 503 and forwards nothing.
+    Reject,
+    /// Evict the oldest records until it fits (counted).
+    DropOldest,
+    /// Do not keep this record (counted).
+    DropNewest,
+}
+
+impl fmt::Display for WhenFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WhenFull::Reject => "reject",
+            WhenFull::DropOldest => "drop_oldest",
+            WhenFull::DropNewest => "drop_newest",
+        })
+    }
+}
+
+/// Settings of one spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolOptions {
+    /// Bound on unacknowledged bytes (framing included) plus reservations.
+    pub max_size: u64,
+    /// Preferred segment size; shrunk to a quarter of `max_size` when that is smaller.
+    pub segment_size: u64,
+    pub when_full: WhenFull,
+    pub fsync: FsyncPolicy,
+    /// Bound on the `rejected/` area.
+    pub rejected_max_size: u64,
+    /// Longest time an acknowledgement stays in memory only.
+    pub cursor_sync_interval: Duration,
+}
+
+impl Default for SpoolOptions {
+    fn default() -> Self {
+        SpoolOptions {
+            max_size: 1 << 30,
+            segment_size: DEFAULT_SEGMENT_SIZE,
+            when_full: WhenFull::Reject,
+            fsync: FsyncPolicy::Always,
+            rejected_max_size: 64 << 20,
+            cursor_sync_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+impl SpoolOptions {
+    /// The segment size actually used.
+    pub fn effective_segment_size(&self) -> u64 {
+        self.segment_size
+            .min((self.max_size / 4).max(MIN_SEGMENT_SIZE))
+            .max(1)
+    }
+}
+
+/// Errors of the spool. Each renders as one line naming the file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool directory {} is in use by another process{holder}", dir.display())]
+    Locked { dir: PathBuf, holder: String },
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("record cannot be stored: {0}")]
+    Unencodable(&'static str),
+    #[error("spool {} is closed", .0.display())]
+    Closed(PathBuf),
+}
+
+impl SpoolError {
+    pub(crate) fn io(op: &'static str, path: &Path, source: io::Error) -> Self {
+        SpoolError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// True when the error is the disk being full (ENOSPC or a quota).
+    pub fn is_storage_full(&self) -> bool {
+        matches!(self, SpoolError::Io { source, .. }
+            if matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded))
+    }
+
+    /// A copy for the second and later callers of a failed batch.
+    fn duplicate(&self) -> Self {
+        match self {
+            SpoolError::Locked { dir, holder } => SpoolError::Locked {
+                dir: dir.clone(),
+                holder: holder.clone(),
+            },
+            SpoolError::Io { op, path, source } => SpoolError::Io {
+                op,
+                path: path.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            SpoolError::Unencodable(why) => SpoolError::Unencodable(why),
+            SpoolError::Closed(dir) => SpoolError::Closed(dir.clone()),
+        }
+    }
+}
+
+/// Why a reservation was not granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// `when_full = "reject"`: the client should get 503.
+    #[error("spool is full")]
+    Rejected,
+    /// `when_full = "drop_newest"`: this record is not kept.
+    #[error("spool is full; record dropped")]
+    Dropped,
+}
+
+/// A snapshot of a spool's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpoolStats {
+    /// Records not yet acknowledged (written or queued).
+    pub records: u64,
+    /// Their bytes, framing included.
+    pub bytes: u64,
+    /// Bytes reserved by admitted requests not yet appended.
+    pub reserved_bytes: u64,
+    /// Accepted-at time of the oldest unacknowledged record.
+    pub oldest_accepted_at: Option<SystemTime>,
+    /// Segment files on disk.
+    pub segments: u64,
+    /// Records evicted by `drop_oldest`.
+    pub dropped_full: u64,
+    /// Reservations refused under `drop_newest`.
+    pub dropped_newest: u64,
+    /// Damaged records skipped (at open or when read).
+    pub dropped_corrupt: u64,
+    /// The last write error, cleared by the next successful write.
+    pub write_error: Option<String>,
+    pub rejected: RejectedStats,
+}
+
+/// Index entry of one unacknowledged, written record (16 bytes each).
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    lsn: u64,
+    len: u32,
+    accepted_s: u32,
+}
+
+impl Entry {
+    fn end(&self) -> u64 {
+        self.lsn + u64::from(self.len)
+    }
+
+    fn seconds(t: SystemTime) -> u32 {
+        t.duration_since(UNIX_EPOCH)
+            .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+            .unwrap_or(0)
+    }
+}
+
+/// State shared by handles, readers, reservations and the writer thread.
+struct Core {
+    dir: PathBuf,
+    opts: SpoolOptions,
+    segment_limit: u64,
+    state: Mutex<State>,
+    /// Committed end position, for readers waiting for data.
+    committed: watch::Sender<u64>,
+    rejected: Mutex<rejected::RejectedStore>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Written, unacknowledged records in log order.
+    index: VecDeque<Entry>,
+    index_bytes: u64,
+    /// Position after the last written frame.
+    end: u64,
+    /// Segments on disk: base position to data length.
+    segments: BTreeMap<u64, u64>,
+    pending_bytes: u64,
+    pending_records: u64,
+    reserved: u64,
+    durable_cursor: u64,
+    dropped_full: u64,
+    dropped_newest: u64,
+    dropped_corrupt: u64,
+    write_error: Option<String>,
+    nudged: bool,
+    closed: bool,
+}
+
+impl State {
+    fn cursor(&self) -> u64 {
+        self.index.front().map_or(self.end, |e| e.lsn)
+    }
+
+    fn used(&self) -> u64 {
+        self.index_bytes + self.pending_bytes + self.reserved
+    }
+
+    fn pop_front(&mut self) -> Option<Entry> {
+        let e = self.index.pop_front()?;
+        self.index_bytes -= u64::from(e.len);
+        Some(e)
+    }
+}
+
+impl Core {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-updated in
+        // a way that matters more than stopping the daemon would: carry on.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn cursor_dirty(&self) -> bool {
+        let st = self.lock();
+        st.cursor() != st.durable_cursor
+    }
+
+    fn cursor_to_persist(&self) -> Option<u64> {
+        let mut st = self.lock();
+        st.nudged = false;
+        let c = st.cursor();
+        (c != st.durable_cursor).then_some(c)
+    }
+
+    /// Records a durable cursor; returns the segments now deletable (never `active`).
+    fn cursor_persisted(&self, position: u64, active: u64) -> Vec<u64> {
+        let mut st = self.lock();
+        st.durable_cursor = position;
+        let doomed: Vec<u64> = st
+            .segments
+            .iter()
+            .filter(|&(&base, &len)| base != active && base + len <= position)
+            .map(|(&base, _)| base)
+            .collect();
+        for base in &doomed {
+            st.segments.remove(base);
+        }
+        doomed
+    }
+
+    fn publish(&self, entries: impl Iterator<Item = Entry>, base: u64, seg_len: u64, end: u64) {
+        {
+            let mut st = self.lock();
+            for e in entries {
+                st.pending_bytes = st.pending_bytes.saturating_sub(u64::from(e.len));
+                st.pending_records = st.pending_records.saturating_sub(1);
+                st.index_bytes += u64::from(e.len);
+                st.index.push_back(e);
+            }
+            st.end = end;
+            st.segments.insert(base, seg_len);
+            st.write_error = None;
+        }
+        self.committed.send_replace(end);
+    }
+
+    fn add_segment(&self, base: u64) {
+        self.lock().segments.insert(base, 0);
+    }
+
+    fn set_write_error(&self, error: Option<String>) {
+        self.lock().write_error = error;
+    }
+
+    fn release(&self, bytes: u64) {
+        let mut st = self.lock();
+        st.reserved = st.reserved.saturating_sub(bytes);
+    }
+
+    fn segment_path(&self, base: u64) -> PathBuf {
+        self.dir.join(scan::segment_name(base))
+    }
+}
+
+/// The writer thread and the directory lock, released when the last handle goes.
+struct Handle {
+    core: Arc<Core>,
+    tx: mpsc::Sender<Cmd>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    _lock: DirLock,
+}
+
+impl Handle {
+    fn stop(&self, cmd: Cmd) {
+        let _ = self.tx.send(cmd);
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            tracing::error!(dir = %self.core.dir.display(), "spool writer thread panicked");
+        }
+        self.core.lock().closed = true;
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.stop(Cmd::Shutdown);
+    }
+}
+
+/// A handle on one spool directory. Cheap to clone; the writer stops and the
+/// lock is released when the last clone is dropped or [`Spool::close`] is called.
+#[derive(Clone)]
+pub struct Spool {
+    handle: Arc<Handle>,
+}
+
+impl fmt::Debug for Spool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Spool")
+            .field("dir", &self.handle.core.dir)
+            .finish()
+    }
+}
+
+/// Room held in a spool for one record. Dropping it gives the room back.
+#[must_use = "a reservation holds spool room until it is appended or dropped"]
+#[derive(Debug)]
+pub struct Reservation {
+    core: Arc<Core>,
+    bytes: u64,
+}
+
+impl fmt::Debug for Core {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Core").field("dir", &self.dir).finish()
+    }
+}
+
+impl Reservation {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.core.release(self.bytes);
+        }
+    }
+}
+
+/// A record read back from the spool, with its position for [`Spool::ack`].
+#[derive(Debug, Clone)]
+pub struct Spooled {
+    /// Position of the record.
+    pub lsn: u64,
+    /// Position just after it: acknowledging this acknowledges the record and
+    /// everything before it.
+    pub end: u64,
+    pub record: Record,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool in `dir`, recovering what a crash left.
+    ///
+    /// Fails with [`SpoolError::Locked`] if another process has it open.
+    pub fn open(dir: impl AsRef<Path>, opts: SpoolOptions) -> Result<Spool, SpoolError> {
+        let dir = dir.as_ref().to_path_buf();
+        fsutil::create_dir(&dir)?;
+        let lock = DirLock::acquire(&dir)?;
+        let recovered = recover(&dir, &opts)?;
+        let rejected = rejected::RejectedStore::open(&dir, opts.rejected_max_size)?;
+        let segment_limit = opts.effective_segment_size();
+        let (committed, _) = watch::channel(recovered.state.end);
+        let core = Arc::new(Core {
+            dir: dir.clone(),
+            opts,
+            segment_limit,
+            state: Mutex::new(recovered.state),
+            committed,
+            rejected: Mutex::new(rejected),
+        });
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            core: core.clone(),
+            active: recovered.active,
+            buf: Vec::new(),
+            unsynced_since: None,
+            cursor_dirty_since: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("forkd-spool".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| SpoolError::io("start writer thread for", &dir, e))?;
+        Ok(Spool {
+            handle: Arc::new(Handle {
+                core,
+                tx,
+                thread: Mutex::new(Some(thread)),
+                _lock: lock,
+            }),
+        })
+    }
+
+    fn core(&self) -> &Arc<Core> {
+        &self.handle.core
+    }
+
+    /// The directory this spool owns.
+    pub fn dir(&self) -> &Path {
+        &self.core().dir
+    }
+
+    pub fn options(&self) -> &SpoolOptions {
+        &self.core().opts
+    }
+
+    /// Admission: reserves room for `bytes` (a record's [`Record::encoded_len`]).
+    ///
+    /// Under `drop_oldest` the oldest written records are evicted to make room,
+    /// and the reservation is granted even when eviction alone cannot make it
+    /// fit (the overshoot is bounded by what is in flight).
+    pub fn try_reserve(&self, bytes: u64) -> Result<Reservation, Refused> {
+        let core = self.core();
+        let mut st = core.lock();
+        if st.used().saturating_add(bytes) > core.opts.max_size {
+            match core.opts.when_full {
+                WhenFull::Reject => return Err(Refused::Rejected),
+                WhenFull::DropNewest => {
+                    st.dropped_newest += 1;
+                    return Err(Refused::Dropped);
+                }
+                WhenFull::DropOldest => self.evict_locked(&mut st, bytes),
+            }
+        }
+        st.reserved += bytes;
+        drop(st);
+        Ok(Reservation {
+            core: core.clone(),
+            bytes,
+        })
+    }
+
+    /// Reserves room that the caller must have whatever the bound says: for a
+    /// request already admitted whose live send failed. `drop_oldest` still
+    /// evicts to make room; other policies overcommit.
+    pub fn reserve_overcommit(&self, bytes: u64) -> Reservation {
+        let core = self.core();
+        let mut st = core.lock();
+        if core.opts.when_full == WhenFull::DropOldest
+            && st.used().saturating_add(bytes) > core.opts.max_size
+        {
+            self.evict_locked(&mut st, bytes);
+        }
+        st.reserved += bytes;
+        drop(st);
+        Reservation {
+            core: core.clone(),
+            bytes,
+        }
+    }
+
+    fn evict_locked(&self, st: &mut State, bytes: u64) {
+        let max = self.core().opts.max_size;
+        let before = st.cursor();
+        while st.used().saturating_add(bytes) > max {
+            if st.pop_front().is_none() {
+                break;
+            }
+            st.dropped_full += 1;
+        }
+        if st.cursor() != before {
+            self.nudge_locked(st);
+        }
+    }
+
+    fn nudge_locked(&self, st: &mut State) {
+        if !st.nudged {
+            st.nudged = true;
+            let _ = self.handle.tx.send(Cmd::Nudge);
+        }
+    }
+
+    /// Appends `record` within `reservation`. The record is queued at once, so
+    /// appends are ordered by the time of this call; the returned future
+    /// completes with the record's position once it is as durable as the fsync
+    /// policy says, or with the write error.
+    pub fn append(
+        &self,
+        reservation: Reservation,
+        record: Record,
+    ) -> impl Future<Output = Result<u64, SpoolError>> + Send + 'static {
+        let rx = self.enqueue(reservation, record);
+        async move {
+            rx?.await
+                .unwrap_or_else(|_| Err(SpoolError::Closed(PathBuf::new())))
+        }
+    }
+
+    /// [`Spool::append`] for synchronous callers: blocks until durable.
+    /// Must not be called from inside an async runtime thread.
+    pub fn append_blocking(
+        &self,
+        reservation: Reservation,
+        record: Record,
+    ) -> Result<u64, SpoolError> {
+        let rx = self.enqueue(reservation, record)?;
+        rx.blocking_recv()
+            .unwrap_or_else(|_| Err(SpoolError::Closed(self.dir().to_path_buf())))
+    }
+
+    fn enqueue(
+        &self,
+        mut reservation: Reservation,
+        record: Record,
+    ) -> Result<oneshot::Receiver<Result<u64, SpoolError>>, SpoolError> {
+        record.check_encodable().map_err(SpoolError::Unencodable)?;
+        let len = record.encoded_len();
+        let core = self.core();
+        let (reply, rx) = oneshot::channel();
+        {
+            let mut st = core.lock();
+            if st.closed {
+                return Err(SpoolError::Closed(core.dir.clone()));
+            }
+            st.reserved = st.reserved.saturating_sub(reservation.bytes);
+            reservation.bytes = 0;
+            st.pending_bytes += len;
+            st.pending_records += 1;
+            // Sent under the lock so that queue order is reservation order.
+            if self
+                .handle
+                .tx
+                .send(Cmd::Append(Append { record, len, reply }))
+                .is_err()
+            {
+                st.pending_bytes -= len;
+                st.pending_records -= 1;
+                return Err(SpoolError::Closed(core.dir.clone()));
+            }
+        }
+        Ok(rx)
+    }
+
+    /// Acknowledges every record before position `end` (a [`Spooled::end`]):
+    /// they were delivered and may be deleted. Positions at or behind the
+    /// cursor are ignored.
+    pub fn ack(&self, end: u64) {
+        let core = self.core();
+        let mut st = core.lock();
+        let before = st.cursor();
+        while st.index.front().is_some_and(|e| e.lsn < end) {
+            st.pop_front();
+        }
+        if st.cursor() != before {
+            self.nudge_locked(&mut st);
+        }
+    }
+
+    /// A reader positioned at the cursor.
+    pub fn reader(&self) -> Reader {
+        let core = self.core().clone();
+        let next = core.lock().cursor();
+        let committed = core.committed.subscribe();
+        Reader {
+            core,
+            next,
+            file: None,
+            committed,
+        }
+    }
+
+    /// Keeps a record the target refused for good in the `rejected/` area.
+    pub fn reject(&self, record: &Record) -> Result<(), SpoolError> {
+        record.check_encodable().map_err(SpoolError::Unencodable)?;
+        self.core()
+            .rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(record)
+    }
+
+    /// Counters for metrics and `/status`.
+    pub fn stats(&self) -> SpoolStats {
+        let core = self.core();
+        let rejected = core
+            .rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stats();
+        let st = core.lock();
+        SpoolStats {
+            records: st.index.len() as u64 + st.pending_records,
+            bytes: st.index_bytes + st.pending_bytes,
+            reserved_bytes: st.reserved,
+            oldest_accepted_at: st
+                .index
+                .front()
+                .map(|e| UNIX_EPOCH + Duration::from_secs(u64::from(e.accepted_s))),
+            segments: st.segments.len() as u64,
+            dropped_full: st.dropped_full,
+            dropped_newest: st.dropped_newest,
+            dropped_corrupt: st.dropped_corrupt,
+            write_error: st.write_error.clone(),
+            rejected,
+        }
+    }
+
+    /// Stops the writer after syncing data and persisting the cursor, and
+    /// releases the directory lock once every clone of this handle is gone.
+    pub fn close(self) {
+        self.handle.stop(Cmd::Shutdown);
+    }
+
+    /// Stops the writer at once without syncing or persisting the cursor, as a
+    /// crash would. For tests of recovery.
+    #[doc(hidden)]
+    pub fn abandon(self) {
+        self.handle.stop(Cmd::Abort);
+    }
+}
+
+/// Reads records in log order, from the cursor on.
+///
+/// There is one reader per delivery worker. It reads only what the writer has
+/// published, so it never sees a partial frame.
+pub struct Reader {
+    core: Arc<Core>,
+    next: u64,
+    file: Option<(u64, Arc<File>)>,
+    committed: watch::Receiver<u64>,
+}
+
+impl fmt::Debug for Reader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reader").field("next", &self.next).finish()
+    }
+}
+
+impl Reader {
+    /// Position of the next record this reader will return.
+    pub fn position(&self) -> u64 {
+        self.next
+    }
+
+    /// Goes back to the cursor: the oldest record not yet acknowledged.
+    pub fn rewind(&mut self) {
+        self.next = self.core.lock().cursor();
+    }
+
+    /// Waits until there is something past the read position.
+    pub async fn wait(&mut self) {
+        let next = self.next;
+        let _ = self.committed.wait_for(|&end| end > next).await;
+    }
+
+    /// Returns up to `max_records` records (and about `max_bytes`, at least
+    /// one record) after the read position, in order; empty when caught up.
+    /// Damaged records are skipped and counted.
+    pub fn read_batch(
+        &mut self,
+        max_records: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Spooled>, SpoolError> {
+        loop {
+            let Some((entries, base, file)) = self.plan(max_records.max(1), max_bytes)? else {
+                return Ok(Vec::new());
+            };
+            let out = self.read_entries(&entries, base, &file)?;
+            if !out.is_empty() {
+                return Ok(out);
+            }
+            // Everything planned was damaged: plan again past it.
+        }
+    }
+
+    /// Picks the next contiguous run of entries in one segment and the file holding it.
+    #[allow(clippy::type_complexity)]
+    fn plan(
+        &mut self,
+        max_records: usize,
+        max_bytes: u64,
+    ) -> Result<Option<(Vec<Entry>, u64, Arc<File>)>, SpoolError> {
+        let st = self.core.lock();
+        self.next = self.next.max(st.cursor());
+        let start = st.index.partition_point(|e| e.lsn < self.next);
+        let Some(first) = st.index.get(start).copied() else {
+            return Ok(None);
+        };
+        let Some((&base, &seg_len)) = st.segments.range(..=first.lsn).next_back() else {
+            return Ok(None);
+        };
+        let seg_end = base + seg_len;
+        let mut entries = vec![first];
+        let mut bytes = u64::from(first.len);
+        for e in st.index.range(start + 1..) {
+            let prev_end = entries.last().map_or(first.end(), Entry::end);
+            if entries.len() >= max_records
+                || e.lsn != prev_end
+                || e.end() > seg_end
+                || bytes + u64::from(e.len) > max_bytes
+            {
+                break;
+            }
+            bytes += u64::from(e.len);
+            entries.push(*e);
+        }
+        // Open under the lock: the segment cannot be deleted while entries in it are indexed.
+        let file = match &self.file {
+            Some((b, f)) if *b == base => f.clone(),
+            _ => {
+                let path = self.core.segment_path(base);
+                let f = Arc::new(File::open(&path).map_err(|e| SpoolError::io("open", &path, e))?);
+                self.file = Some((base, f.clone()));
+                f
+            }
+        };
+        Ok(Some((entries, base, file)))
+    }
+
+    fn read_entries(
+        &mut self,
+        entries: &[Entry],
+        base: u64,
+        file: &File,
+    ) -> Result<Vec<Spooled>, SpoolError> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(Vec::new());
+        };
+        let total = usize::try_from(last.end() - first.lsn).unwrap_or(usize::MAX);
+        let mut buf = BytesMut::zeroed(total);
+        let offset = SEGMENT_HEADER_LEN + (first.lsn - base);
+        if let Err(e) = file.read_exact_at(&mut buf, offset) {
+            return Err(SpoolError::io("read", &self.core.segment_path(base), e));
+        }
+        let buf: Bytes = buf.freeze();
+        let mut out = Vec::with_capacity(entries.len());
+        let mut damaged = Vec::new();
+        for e in entries {
+            let at = (e.lsn - first.lsn) as usize;
+            let frame = buf.slice(at..at + e.len as usize);
+            match format::decode_frame(&frame) {
+                Ok((record, _)) => out.push(Spooled {
+                    lsn: e.lsn,
+                    end: e.end(),
+                    record,
+                }),
+                Err(err) => {
+                    tracing::warn!(
+                        dir = %self.core.dir.display(), position = e.lsn, error = %err,
+                        "skipping damaged spool record"
+                    );
+                    damaged.push(e.lsn);
+                }
+            }
+        }
+        self.next = last.end();
+        if !damaged.is_empty() {
+            let mut st = self.core.lock();
+            for lsn in damaged {
+                if let Ok(i) = st.index.binary_search_by_key(&lsn, |e| e.lsn)
+                    && let Some(e) = st.index.remove(i)
+                {
+                    st.index_bytes -= u64::from(e.len);
+                    st.dropped_corrupt += 1;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What recovery hands to the new spool.
+struct Recovered {
+    state: State,
+    active: Active,
+}
+
+/// Scans the directory, repairs what a crash left, and rebuilds the index.
+fn recover(dir: &Path, opts: &SpoolOptions) -> Result<Recovered, SpoolError> {
+    let listing = scan::list_dir(dir).map_err(|e| SpoolError::io("list", dir, e))?;
+    for tmp in &listing.temp_files {
+        fs::remove_file(tmp).map_err(|e| SpoolError::io("remove", tmp, e))?;
+    }
+    let cursor = match cursor::load(dir).map_err(|e| SpoolError::io("read cursor in", dir, e))? {
+        cursor::Stored::At(c) => Some(c),
+        cursor::Stored::Missing => None,
+        cursor::Stored::Corrupt => {
+            tracing::warn!(dir = %dir.display(), "spool cursor is damaged; delivering from the oldest segment");
+            None
+        }
+    };
+    let behind = |lsn: u64| cursor.is_some_and(|c| lsn < c);
+    let mut st = State::default();
+    let mut removed_any = false;
+    let mut last_usable: Option<(u64, u64)> = None;
+    let count = listing.segments.len();
+    for (i, (base, path)) in listing.segments.iter().enumerate() {
+        let base = *base;
+        let is_last = i + 1 == count;
+        let file_len = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let data_len = file_len.saturating_sub(SEGMENT_HEADER_LEN);
+        if !is_last && cursor.is_some_and(|c| base + data_len <= c) {
+            // Left by a crash between the cursor write and the delete.
+            fs::remove_file(path).map_err(|e| SpoolError::io("remove", path, e))?;
+            removed_any = true;
+            continue;
+        }
+        if st.end > base {
+            tracing::warn!(path = %path.display(), "spool segment overlaps the previous one; skipping it");
+            continue;
+        }
+        let expected = if st.segments.is_empty() {
+            cursor.unwrap_or(base)
+        } else {
+            st.end
+        };
+        if base > expected {
+            tracing::warn!(dir = %dir.display(), from = st.end, to = base, "spool segment missing; records in it are lost");
+        }
+        let scanned = match scan::scan_segment_file(base, path, true) {
+            Ok(s) => s,
+            Err(scan::SegmentError::Short(_)) if is_last => {
+                // A segment whose creation was interrupted: it never held a record.
+                fs::remove_file(path).map_err(|e| SpoolError::io("remove", path, e))?;
+                removed_any = true;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "skipping unreadable spool segment");
+                st.segments.insert(base, data_len);
+                st.end = base + data_len.max(1);
+                continue;
+            }
+        };
+        for r in scanned.records.iter().filter(|r| !behind(r.lsn)) {
+            let e = Entry {
+                lsn: r.lsn,
+                len: u32::try_from(r.len).unwrap_or(u32::MAX),
+                accepted_s: u32::try_from(r.accepted_ms / 1000).unwrap_or(u32::MAX),
+            };
+            st.index_bytes += u64::from(e.len);
+            st.index.push_back(e);
+        }
+        let corrupt = scanned
+            .corrupt
+            .iter()
+            .filter(|(lsn, _)| !behind(*lsn))
+            .count() as u64;
+        if corrupt > 0 {
+            tracing::warn!(path = %path.display(), records = corrupt, "skipped damaged spool records");
+        }
+        st.dropped_corrupt += corrupt;
+        let mut kept_len = scanned.data_len;
+        if scanned.tail != scan::Tail::Clean {
+            if is_last {
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| SpoolError::io("open", path, e))?;
+                f.set_len(SEGMENT_HEADER_LEN + scanned.valid_len)
+                    .and_then(|()| f.sync_all())
+                    .map_err(|e| SpoolError::io("truncate torn tail of", path, e))?;
+                tracing::info!(
+                    path = %path.display(), bytes = scanned.data_len - scanned.valid_len,
+                    "truncated an interrupted write at the end of the spool"
+                );
+                kept_len = scanned.valid_len;
+                last_usable = Some((base, kept_len));
+            } else if scanned.tail == scan::Tail::Torn && !behind(base + scanned.valid_len) {
+                st.dropped_corrupt += 1;
+                tracing::warn!(path = %path.display(), "spool segment ends in an incomplete record; skipped");
+            }
+        } else if is_last {
+            last_usable = Some((base, kept_len));
+        }
+        st.segments.insert(base, kept_len);
+        st.end = base + kept_len;
+    }
+    if removed_any {
+        fsutil::sync_dir(dir).map_err(|e| SpoolError::io("sync", dir, e))?;
+    }
+    if let Some(c) = cursor {
+        st.end = st.end.max(c);
+    }
+    st.durable_cursor = cursor.unwrap_or(u64::MAX);
+    let sync = opts.fsync != FsyncPolicy::Never;
+    let active = match last_usable {
+        Some((base, len)) if base + len == st.end => {
+            let path = dir.join(scan::segment_name(base));
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| SpoolError::io("open", &path, e))?;
+            Active { base, file, len }
+        }
+        _ => {
+            let base = st.end;
+            let active = writer::create_segment(dir, base, sync)?;
+            st.segments.insert(base, 0);
+            active
+        }
+    };
+    Ok(Recovered { state: st, active })
+}

@@ -1,0 +1,307 @@
+//! The writer thread: group commit of appends, fsync policy, cursor persistence
+//! and segment deletion.
+//!
+//! One thread per spool owns the file it appends to. It takes every append
+//! waiting in its queue as one batch, writes the batch with one `pwrite` per
+//! segment touched, makes one `fdatasync` for it under `fsync = "always"`, and
+//! only then publishes the records to readers and completes the callers.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use super::format::{Record, SEGMENT_HEADER_LEN, SegmentHeader};
+use super::{Core, Entry, FsyncPolicy, SpoolError, cursor, fsutil, scan};
+
+/// Most records taken into one batch.
+const MAX_BATCH_RECORDS: usize = 4096;
+/// Most bytes taken into one batch (a batch always takes at least one record).
+const MAX_BATCH_BYTES: u64 = 8 << 20;
+
+pub(super) struct Append {
+    pub record: Record,
+    pub len: u64,
+    pub reply: oneshot::Sender<Result<u64, SpoolError>>,
+}
+
+#[allow(clippy::large_enum_variant)] // appends are the common message; boxing costs an allocation each
+pub(super) enum Cmd {
+    Append(Append),
+    /// Something changed that the writer should look at (an ack moved the cursor).
+    Nudge,
+    /// Sync everything, persist the cursor, and stop.
+    Shutdown,
+    /// Stop at once, as a crash would (tests only).
+    Abort,
+}
+
+/// The segment being appended to.
+pub(super) struct Active {
+    pub base: u64,
+    pub file: File,
+    /// Data bytes after the header.
+    pub len: u64,
+}
+
+pub(super) struct Writer {
+    pub core: Arc<Core>,
+    pub active: Active,
+    pub buf: Vec<u8>,
+    pub unsynced_since: Option<Instant>,
+    pub cursor_dirty_since: Option<Instant>,
+}
+
+impl Writer {
+    pub fn run(mut self, rx: Receiver<Cmd>) {
+        loop {
+            let cmd = match self.next_deadline() {
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(deadline) => {
+                    rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                }
+            };
+            let stop = match cmd {
+                Ok(Cmd::Append(first)) => {
+                    let (batch, stop) = Self::collect(first, &rx);
+                    self.write_batch(batch);
+                    stop
+                }
+                Ok(Cmd::Nudge) | Err(RecvTimeoutError::Timeout) => None,
+                Ok(Cmd::Shutdown) | Err(RecvTimeoutError::Disconnected) => Some(Cmd::Shutdown),
+                Ok(Cmd::Abort) => Some(Cmd::Abort),
+            };
+            match stop {
+                Some(Cmd::Abort) => return,
+                Some(_) => {
+                    self.shutdown();
+                    return;
+                }
+                None => self.housekeeping(false),
+            }
+        }
+    }
+
+    /// Takes every append already queued behind `first`, up to the batch limits.
+    fn collect(first: Append, rx: &Receiver<Cmd>) -> (Vec<Append>, Option<Cmd>) {
+        let mut bytes = first.len;
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_RECORDS && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(Cmd::Append(a)) => {
+                    bytes += a.len;
+                    batch.push(a);
+                }
+                Ok(Cmd::Nudge) => {}
+                Ok(stop @ (Cmd::Shutdown | Cmd::Abort)) => return (batch, Some(stop)),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return (batch, Some(Cmd::Shutdown)),
+            }
+        }
+        (batch, None)
+    }
+
+    /// When the writer must wake up without a command: a due fsync or cursor write.
+    fn next_deadline(&mut self) -> Option<Instant> {
+        let mut deadline = None;
+        if let (FsyncPolicy::Interval(every), Some(since)) =
+            (self.core.opts.fsync, self.unsynced_since)
+        {
+            deadline = Some(since + every);
+        }
+        if self.cursor_dirty_since.is_none() && self.core.cursor_dirty() {
+            self.cursor_dirty_since = Some(Instant::now());
+        }
+        if let Some(since) = self.cursor_dirty_since {
+            let due = since + self.core.opts.cursor_sync_interval;
+            deadline = Some(deadline.map_or(due, |d: Instant| d.min(due)));
+        }
+        deadline
+    }
+
+    fn write_batch(&mut self, batch: Vec<Append>) {
+        let mut group: Vec<(Append, u64)> = Vec::with_capacity(batch.len());
+        self.buf.clear();
+        let mut rest = batch.into_iter();
+        while let Some(append) = rest.next() {
+            let group_len = self.buf.len() as u64;
+            if self.active.len + group_len > 0
+                && self.active.len + group_len + append.len > self.core.segment_limit
+            {
+                let result = self.commit_group(&mut group).and_then(|()| self.roll());
+                if let Err(e) = result {
+                    fail_all(std::iter::once(append).chain(rest), &e);
+                    return;
+                }
+            }
+            let lsn = self.active.base + self.active.len + self.buf.len() as u64;
+            append.record.encode_into(&mut self.buf);
+            group.push((append, lsn));
+        }
+        if let Err(e) = self.commit_group(&mut group) {
+            tracing::warn!(dir = %self.core.dir.display(), error = %e, "spool write failed");
+        }
+    }
+
+    /// Writes the buffered group to the active segment, syncs it as the policy
+    /// says, publishes it and completes its callers. On failure the segment is
+    /// cut back to where the group started and every caller gets the error.
+    fn commit_group(&mut self, group: &mut Vec<(Append, u64)>) -> Result<(), SpoolError> {
+        if group.is_empty() {
+            return Ok(());
+        }
+        let offset = SEGMENT_HEADER_LEN + self.active.len;
+        let mut result = self.active.file.write_all_at(&self.buf, offset);
+        if result.is_ok() && self.core.opts.fsync == FsyncPolicy::Always {
+            result = self.active.file.sync_data();
+        }
+        if let Err(e) = result {
+            // Cut back any partial write so the next batch starts on a frame boundary.
+            let _ = self.active.file.set_len(offset);
+            let err = SpoolError::io("append to", &self.segment_path(self.active.base), e);
+            self.core.set_write_error(Some(err.to_string()));
+            fail_all(group.drain(..).map(|(a, _)| a), &err);
+            self.buf.clear();
+            return Err(err);
+        }
+        if self.core.opts.fsync != FsyncPolicy::Always && self.unsynced_since.is_none() {
+            self.unsynced_since = Some(Instant::now());
+        }
+        self.active.len += self.buf.len() as u64;
+        self.buf.clear();
+        let entries = group.iter().map(|(a, lsn)| Entry {
+            lsn: *lsn,
+            len: u32::try_from(a.len).unwrap_or(u32::MAX),
+            accepted_s: Entry::seconds(a.record.accepted_at),
+        });
+        let end = self.active.base + self.active.len;
+        self.core
+            .publish(entries, self.active.base, self.active.len, end);
+        for (append, lsn) in group.drain(..) {
+            let _ = append.reply.send(Ok(lsn));
+        }
+        Ok(())
+    }
+
+    fn segment_path(&self, base: u64) -> PathBuf {
+        self.core.dir.join(scan::segment_name(base))
+    }
+
+    /// Seals the active segment and starts a new one at the current end.
+    fn roll(&mut self) -> Result<(), SpoolError> {
+        if self.core.opts.fsync != FsyncPolicy::Never {
+            self.sync_active()?;
+        }
+        let base = self.active.base + self.active.len;
+        let active = create_segment(
+            &self.core.dir,
+            base,
+            self.core.opts.fsync != FsyncPolicy::Never,
+        )?;
+        self.active = active;
+        self.core.add_segment(base);
+        Ok(())
+    }
+
+    fn sync_active(&mut self) -> Result<(), SpoolError> {
+        self.active
+            .file
+            .sync_data()
+            .map_err(|e| SpoolError::io("sync", &self.segment_path(self.active.base), e))?;
+        self.unsynced_since = None;
+        Ok(())
+    }
+
+    /// Periodic duties: interval fsync, cursor persistence, segment deletion.
+    fn housekeeping(&mut self, force: bool) {
+        if let (FsyncPolicy::Interval(every), Some(since)) =
+            (self.core.opts.fsync, self.unsynced_since)
+            && (force || since.elapsed() >= every)
+            && let Err(e) = self.sync_active()
+        {
+            tracing::warn!(error = %e, "spool fsync failed");
+        }
+        let cursor_due = self
+            .cursor_dirty_since
+            .is_some_and(|since| since.elapsed() >= self.core.opts.cursor_sync_interval);
+        if force || cursor_due {
+            self.cursor_dirty_since = None;
+            if let Err(e) = self.persist_cursor() {
+                tracing::warn!(error = %e, "spool cursor write failed");
+            }
+        }
+    }
+
+    /// Makes the in-memory cursor durable, then deletes the segments it passed.
+    ///
+    /// The order matters: a segment is unlinked only after a durable cursor
+    /// beyond it exists, so a crash in between loses nothing and the next open
+    /// deletes the leftovers.
+    fn persist_cursor(&mut self) -> Result<(), SpoolError> {
+        let Some(position) = self.core.cursor_to_persist() else {
+            return Ok(());
+        };
+        cursor::store(&self.core.dir, position)
+            .map_err(|e| SpoolError::io("write cursor in", &self.core.dir, e))?;
+        let doomed = self.core.cursor_persisted(position, self.active.base);
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        for base in &doomed {
+            let path = self.segment_path(*base);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot delete delivered segment")
+                }
+            }
+        }
+        fsutil::sync_dir(&self.core.dir).map_err(|e| SpoolError::io("sync", &self.core.dir, e))
+    }
+
+    fn shutdown(&mut self) {
+        // Every policy syncs at a clean close.
+        if let Err(e) = self.sync_active() {
+            tracing::warn!(error = %e, "spool fsync at close failed");
+        }
+        self.housekeeping(true);
+    }
+}
+
+fn fail_all(appends: impl Iterator<Item = Append>, err: &SpoolError) {
+    for append in appends {
+        let _ = append.reply.send(Err(err.duplicate()));
+    }
+}
+
+/// Creates a new segment file with its header; with `sync`, makes it and its
+/// directory entry durable.
+pub(super) fn create_segment(
+    dir: &std::path::Path,
+    base: u64,
+    sync: bool,
+) -> Result<Active, SpoolError> {
+    let path = dir.join(scan::segment_name(base));
+    let result = (|| {
+        let file = fsutil::create_new(&path)?;
+        file.write_all_at(&SegmentHeader { base }.encode(), 0)?;
+        if sync {
+            file.sync_data()?;
+            fsutil::sync_dir(dir)?;
+        }
+        Ok::<_, io::Error>(file)
+    })();
+    match result {
+        Ok(file) => Ok(Active { base, file, len: 0 }),
+        Err(e) => {
+            let _ = fs::remove_file(&path);
+            Err(SpoolError::io("create segment", &path, e))
+        }
+    }
+}
