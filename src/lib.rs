@@ -29,5 +29,18 @@
 //! `target` (per-target state machine, upstream client, retries, delivery
 //! worker), `config`, `admin`, `metrics` and `app` (wiring and shutdown).
 
+pub mod admin;
+pub mod app;
 pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod fork;
+pub mod logging;
+pub mod metrics;
+pub mod proxy_headers;
+pub mod rand;
+pub mod server;
+pub mod sink;
 pub mod spool;
+pub mod target;
+pub mod upstream;

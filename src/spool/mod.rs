@@ -956,6 +956,11 @@ impl Reader {
     }
 }
 
+/// Creates a directory (and parents) with mode 0700, as the spool does.
+pub fn create_dir_private(dir: &Path) -> Result<(), SpoolError> {
+    fsutil::create_dir(dir)
+}
+
 /// What recovery hands to the new spool.
 struct Recovered {
     state: State,

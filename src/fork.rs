@@ -1,0 +1,617 @@
+//! The fork: what one client request gets (SPEC.md, "What a request gets").
+//!
+//! 1. methods: forked, passed through (GET/HEAD to the active target), 405, 415;
+//! 2. body: reserve its size from `max_inflight_bytes`, read it whole;
+//! 3. admission against the spools of targets that are not `up`, before any byte is sent;
+//! 4. send the same refcounted `Bytes` to every selected target concurrently;
+//! 5. an outcome per target: delivered, rejected, spooled or dropped;
+//! 6. the answer.
+
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
+
+use crate::config::{Config, Mode};
+use crate::metrics::Metrics;
+use crate::spool::{Record, truncate_to_millis};
+use crate::target::{Admission, TargetRuntime};
+use crate::upstream::{self, Answer, Attempt, X_REQUEST_ID};
+
+/// Where the active target came from, shown in `/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActiveSource {
+    Config,
+    Admin,
+}
+
+impl ActiveSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActiveSource::Config => "config",
+            ActiveSource::Admin => "admin",
+        }
+    }
+}
+
+/// The routing in force: swapped whole on reload or switch, so a request in
+/// flight finishes under the routing it started with.
+#[derive(Debug)]
+pub struct Routing {
+    pub config: Arc<Config>,
+    pub active: String,
+    pub active_source: ActiveSource,
+    /// Every configured target, in name order.
+    pub targets: Vec<Arc<TargetRuntime>>,
+}
+
+impl Routing {
+    pub fn target(&self, name: &str) -> Option<&Arc<TargetRuntime>> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+
+    /// Targets that receive new forked requests.
+    pub fn selected(&self) -> impl Iterator<Item = &Arc<TargetRuntime>> {
+        let mode = self.config.raw.routing.mode;
+        self.targets
+            .iter()
+            .filter(move |t| mode == Mode::ActiveActive || t.name == self.active)
+    }
+
+    pub fn is_selected(&self, name: &str) -> bool {
+        self.config.raw.routing.mode == Mode::ActiveActive || name == self.active
+    }
+}
+
+/// Bytes of request bodies held in memory, bounded by `max_inflight_bytes`.
+/// Counted in KiB so a 4 GiB budget fits the semaphore's u32 requests.
+#[derive(Debug)]
+pub struct Budget {
+    sem: Arc<Semaphore>,
+}
+
+const BUDGET_UNIT: u64 = 1024;
+
+fn units(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(BUDGET_UNIT)).unwrap_or(u32::MAX)
+}
+
+impl Budget {
+    pub fn new(max_bytes: u64) -> Self {
+        Budget {
+            sem: Arc::new(Semaphore::new(units(max_bytes) as usize)),
+        }
+    }
+
+    async fn acquire(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
+        self.sem
+            .clone()
+            .acquire_many_owned(units(bytes).max(1))
+            .await
+            .ok()
+    }
+}
+
+/// The request handler shared by every connection.
+pub struct Fork {
+    routing: RwLock<Arc<Routing>>,
+    budget: Budget,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Fork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fork").finish_non_exhaustive()
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+/// What happened to one target's copy.
+enum Outcome {
+    Answered(Answer),
+    Rejected(Answer),
+    Spooled,
+    Dropped,
+    /// The copy could not be spooled (disk error).
+    Failed,
+}
+
+impl Fork {
+    pub fn new(routing: Arc<Routing>, max_inflight_bytes: u64, metrics: Metrics) -> Self {
+        Fork {
+            routing: RwLock::new(routing),
+            budget: Budget::new(max_inflight_bytes),
+            metrics,
+        }
+    }
+
+    /// The routing in force.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Swaps in a new routing (reload or switch) and updates `forkd_target_selected`.
+    pub fn set_routing(&self, routing: Arc<Routing>) {
+        for t in &routing.targets {
+            t.set_selected(routing.is_selected(&t.name));
+        }
+        *self.routing.write().unwrap_or_else(|p| p.into_inner()) = routing;
+    }
+
+    /// Handles one client request and counts the answer.
+    pub async fn handle<B>(&self, req: Request<B>, client: Option<IpAddr>) -> Resp
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let started = Instant::now();
+        let routing = self.routing();
+        let request_id = request_id(req.headers());
+        let span = tracing::info_span!("request", id = %request_id, method = %req.method(), path = %req.uri().path());
+        let mut resp = self
+            .route(req, client, &routing, &request_id)
+            .instrument(span.clone())
+            .await;
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert(&X_REQUEST_ID, v);
+        }
+        self.metrics.count_response(resp.status());
+        self.metrics
+            .request_duration
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(parent: &span, status = resp.status().as_u16(), "answered");
+        resp
+    }
+
+    async fn route<B>(
+        &self,
+        req: Request<B>,
+        client: Option<IpAddr>,
+        routing: &Routing,
+        request_id: &str,
+    ) -> Resp
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let cfg = &routing.config;
+        let server = &cfg.raw.server;
+        if !authorized(&server.auth_tokens, req.headers()) {
+            let mut r = plain(
+                StatusCode::UNAUTHORIZED,
+                "missing or invalid bearer token\n",
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+        let method = req.method().clone();
+        if method == Method::GET || method == Method::HEAD {
+            return self.pass_through(req, client, routing, request_id).await;
+        }
+        if !cfg.methods.contains(&method) {
+            let mut allow: Vec<&str> = cfg.methods.iter().map(Method::as_str).collect();
+            allow.extend(["GET", "HEAD"]);
+            let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {
+                r.headers_mut().insert(header::ALLOW, v);
+            }
+            return r;
+        }
+        if req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| {
+                ct.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("application/grpc")
+            })
+        {
+            return plain(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "gRPC is not supported; use OTLP/HTTP\n",
+            );
+        }
+        let max_body = server.max_body_size.as_u64();
+        let declared = content_length(req.headers());
+        if declared.is_some_and(|n| n > max_body) {
+            return too_large(max_body);
+        }
+        let deadline = started_deadline(server.request_timeout);
+        let (parts, body) = req.into_parts();
+        let (body, _permits) = match self.read_body(body, declared, max_body, deadline).await {
+            Ok(v) => v,
+            Err(resp) => return resp,
+        };
+        self.metrics.request_bytes.inc_by(body.len() as u64);
+        let Some(path_and_query) = parts.uri.path_and_query().cloned() else {
+            return plain(StatusCode::BAD_REQUEST, "request has no path\n");
+        };
+        let record = Record {
+            accepted_at: truncate_to_millis(SystemTime::now()),
+            request_id: request_id.to_owned(),
+            method,
+            path_and_query,
+            headers: upstream::end_to_end_headers(parts.headers, client),
+            body,
+        };
+        self.fork(record, routing).await
+    }
+
+    /// Reads the whole body within the budget, the size limit and the deadline.
+    async fn read_body<B>(
+        &self,
+        mut body: B,
+        declared: Option<u64>,
+        max_body: u64,
+        deadline: Instant,
+    ) -> Result<(Bytes, Inflight), Resp>
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let mut permits = Vec::new();
+        let mut held: u64 = 0;
+        if let Some(n) = declared {
+            permits.push(self.reserve_budget(n, deadline).await?);
+            held = n;
+        }
+        let mut first: Option<Bytes> = None;
+        let mut buf = BytesMut::new();
+        let mut total: u64 = 0;
+        loop {
+            let frame = match tokio::time::timeout_at(deadline.into(), body.frame()).await {
+                Err(_) => {
+                    return Err(plain(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request body not received in time\n",
+                    ));
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "client body failed; nothing forwarded");
+                    return Err(plain(
+                        StatusCode::BAD_REQUEST,
+                        "request body could not be read\n",
+                    ));
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            total += data.len() as u64;
+            if total > max_body {
+                return Err(too_large(max_body));
+            }
+            if total > held {
+                let more = total - held;
+                permits.push(self.reserve_budget(more, deadline).await?);
+                held = total;
+            }
+            match first.take() {
+                None if buf.is_empty() => first = Some(data),
+                None => buf.extend_from_slice(&data),
+                Some(prev) => {
+                    buf.reserve(declared.map_or(prev.len() + data.len(), |n| n as usize));
+                    buf.extend_from_slice(&prev);
+                    buf.extend_from_slice(&data);
+                }
+            }
+        }
+        let body = first.unwrap_or_else(|| buf.freeze());
+        Ok((
+            body,
+            Inflight::new(permits, held, &self.metrics.inflight_bytes),
+        ))
+    }
+
+    async fn reserve_budget(
+        &self,
+        bytes: u64,
+        deadline: Instant,
+    ) -> Result<OwnedSemaphorePermit, Resp> {
+        match tokio::time::timeout_at(deadline.into(), self.budget.acquire(bytes)).await {
+            Ok(Some(p)) => Ok(p),
+            _ => Err(unavailable(
+                "too much request data in flight; retry later\n",
+            )),
+        }
+    }
+
+    /// Admission, dispatch and the answer for a request whose body is read.
+    async fn fork(&self, record: Record, routing: &Routing) -> Resp {
+        let cfg = &routing.config;
+        let selected: Vec<&Arc<TargetRuntime>> = routing.selected().collect();
+        if selected.is_empty() {
+            return unavailable("no target selected\n");
+        }
+        let size = record.encoded_len();
+        let mut admissions = Vec::with_capacity(selected.len());
+        for t in &selected {
+            match t.admit(size) {
+                Admission::Full => {
+                    tracing::warn!(target = %t.name, request_id = %record.request_id, "spool full; request refused");
+                    return unavailable("spool full; retry later\n");
+                }
+                a => admissions.push(a),
+            }
+        }
+        let record = Arc::new(record);
+        let active = routing.active.as_str();
+        let secondary_wait =
+            (cfg.raw.routing.mode == Mode::ActiveActive).then_some(cfg.raw.routing.secondary_wait);
+        let copies = selected.iter().zip(admissions).map(|(t, admission)| {
+            let record = record.clone();
+            let wait = if t.name == active {
+                None
+            } else {
+                secondary_wait
+            };
+            async move { copy(t, record, admission, wait).await }
+        });
+        let outcomes = futures::future::join_all(copies).await;
+        self.answer(cfg, &selected, active, outcomes)
+    }
+
+    fn answer(
+        &self,
+        cfg: &Config,
+        selected: &[&Arc<TargetRuntime>],
+        active: &str,
+        outcomes: Vec<Outcome>,
+    ) -> Resp {
+        let mut active_outcome = None;
+        let mut other_answer = None;
+        for (t, outcome) in selected.iter().zip(outcomes) {
+            if t.name == active {
+                active_outcome = Some(outcome);
+            } else if other_answer.is_none()
+                && let Outcome::Answered(a) | Outcome::Rejected(a) = outcome
+            {
+                other_answer = Some(a);
+            }
+        }
+        match active_outcome {
+            Some(Outcome::Answered(a) | Outcome::Rejected(a)) => return relay(a),
+            Some(Outcome::Dropped | Outcome::Failed) => {
+                return unavailable("the request could not be kept; retry later\n");
+            }
+            _ => {}
+        }
+        if let Some(a) = other_answer {
+            return relay(a);
+        }
+        let status =
+            StatusCode::from_u16(cfg.raw.routing.spooled_status).unwrap_or(StatusCode::ACCEPTED);
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = status;
+        r
+    }
+
+    /// GET and HEAD: to the active target only, never spooled; 502 when it is not up.
+    async fn pass_through<B>(
+        &self,
+        req: Request<B>,
+        client: Option<IpAddr>,
+        routing: &Routing,
+        request_id: &str,
+    ) -> Resp {
+        let Some(target) = routing.target(&routing.active) else {
+            return plain(StatusCode::BAD_GATEWAY, "no active target\n");
+        };
+        if target.state() != crate::target::State::Up {
+            return plain(StatusCode::BAD_GATEWAY, "active target is not up\n");
+        }
+        let (parts, _) = req.into_parts();
+        let Some(pq) = parts.uri.path_and_query().cloned() else {
+            return plain(StatusCode::BAD_REQUEST, "request has no path\n");
+        };
+        let headers = upstream::end_to_end_headers(parts.headers, client);
+        let cfg = target.config();
+        let client_http = upstream::client(&cfg);
+        match upstream::pass_through(
+            &client_http,
+            &cfg,
+            parts.method.clone(),
+            &pq,
+            headers,
+            request_id,
+        )
+        .await
+        {
+            Ok(answer) => {
+                let mut r = relay(answer);
+                if parts.method == Method::HEAD {
+                    *r.body_mut() = Full::new(Bytes::new());
+                }
+                r
+            }
+            Err(e) => {
+                tracing::info!(target = %target.name, error = %e, "pass-through failed");
+                plain(StatusCode::BAD_GATEWAY, "active target did not answer\n")
+            }
+        }
+    }
+}
+
+/// One target's copy: live with fallback to the spool, or straight to the spool.
+async fn copy(
+    t: &TargetRuntime,
+    record: Arc<Record>,
+    admission: Admission,
+    wait: Option<Duration>,
+) -> Outcome {
+    match admission {
+        Admission::Full => Outcome::Failed,
+        Admission::Dropped => {
+            t.count_result("dropped");
+            Outcome::Dropped
+        }
+        Admission::Spool(reservation) => spool(t, reservation, &record).await,
+        Admission::Live => {
+            let cfg = t.config();
+            let deadline = wait.map_or(cfg.timeout, |w| w.min(cfg.timeout));
+            match t.send_live(&record, deadline).await {
+                Attempt::Delivered(a) => {
+                    t.count_result("delivered");
+                    Outcome::Answered(a)
+                }
+                Attempt::Rejected(a) => {
+                    t.keep_rejected(&record, &a);
+                    Outcome::Rejected(a)
+                }
+                Attempt::Transient {
+                    reason,
+                    detail,
+                    retry_after: _,
+                    answer: _,
+                } => {
+                    let abandoned = wait.is_some_and(|w| w < cfg.timeout)
+                        && reason == upstream::FailureReason::Timeout;
+                    if abandoned {
+                        tracing::info!(target = %t.name, request_id = %record.request_id, "secondary_wait passed; spooling");
+                        t.mark_backlog();
+                    } else {
+                        tracing::info!(
+                            target = %t.name, request_id = %record.request_id,
+                            reason = reason.as_str(), %detail, "live send failed; spooling"
+                        );
+                        t.mark_down();
+                    }
+                    match t.reserve_after_failure(record.encoded_len()) {
+                        Some(r) => spool(t, r, &record).await,
+                        None => {
+                            t.count_result("dropped");
+                            Outcome::Dropped
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn spool(
+    t: &TargetRuntime,
+    reservation: crate::spool::Reservation,
+    record: &Record,
+) -> Outcome {
+    match t.append(reservation, record.clone()).await {
+        Ok(()) => Outcome::Spooled,
+        Err(_) => Outcome::Failed,
+    }
+}
+
+fn relay(a: Answer) -> Resp {
+    let Some(body) = a.body else {
+        return plain(StatusCode::BAD_GATEWAY, "target answer larger than 1 MiB\n");
+    };
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = a.status;
+    *r.headers_mut() = a.headers;
+    r
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn unavailable(text: &'static str) -> Resp {
+    let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, text);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+fn too_large(max: u64) -> Resp {
+    let mut r = plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+    if let Ok(v) = HeaderValue::from_str(&max.to_string()) {
+        r.headers_mut().insert("x-forkd-max-body-size", v);
+    }
+    r
+}
+
+fn started_deadline(timeout: Duration) -> Instant {
+    Instant::now() + timeout
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// The client's `X-Request-Id` when it is a sane token, else a new UUIDv7.
+pub fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+}
+
+/// True when no tokens are configured, or the request bears one of them.
+fn authorized(tokens: &[String], headers: &http::HeaderMap) -> bool {
+    if tokens.is_empty() {
+        return true;
+    }
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    tokens.iter().fold(false, |ok, t| {
+        ok | constant_time_eq(t.as_bytes(), given.trim().as_bytes())
+    })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Budget permits of one request body, with `forkd_inflight_bytes` kept in step.
+struct Inflight {
+    _permits: Vec<OwnedSemaphorePermit>,
+    bytes: i64,
+    gauge: prometheus::IntGauge,
+}
+
+impl Inflight {
+    fn new(permits: Vec<OwnedSemaphorePermit>, bytes: u64, gauge: &prometheus::IntGauge) -> Self {
+        let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+        gauge.add(bytes);
+        Inflight {
+            _permits: permits,
+            bytes,
+            gauge: gauge.clone(),
+        }
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.gauge.sub(self.bytes);
+    }
+}

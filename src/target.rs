@@ -1,0 +1,536 @@
+//! Per-target runtime: the up/down/draining state machine, the live send
+//! path, and the delivery worker that replays the spool in order.
+//!
+//! ```text
+//!   up ──transient failure──▶ down ──a delivery succeeds──▶ draining ──spool empty──▶ up
+//!    ▲                         ▲                              │
+//!    │                         └────────transient failure─────┘
+//!    └── (a copy abandoned by secondary_wait: up ──▶ draining)
+//! ```
+//!
+//! While a target is not `up`, new requests go to its spool without any
+//! connection attempt, behind the backlog, so order holds. The state check and
+//! the draining→up transition happen under one lock, and the transition also
+//! requires that no reservation is outstanding, so no request can overtake a
+//! record that is about to be spooled.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{RetryConfig, Target};
+use crate::metrics::Metrics;
+use crate::spool::{Refused, Reservation, Spool, SpoolError, Spooled};
+use crate::upstream::{self, Answer, Attempt, HttpClient};
+
+/// Target state, as exported in `forkd_target_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Up,
+    Down,
+    Draining,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Up => "up",
+            State::Down => "down",
+            State::Draining => "draining",
+        }
+    }
+}
+
+/// How a request copy enters a target, decided at admission.
+#[derive(Debug)]
+pub enum Admission {
+    /// The target is up with no backlog: send directly.
+    Live,
+    /// Not up or backlogged: append within this reservation.
+    Spool(Reservation),
+    /// `drop_newest` and the spool is full.
+    Dropped,
+    /// `reject` and the spool is full: the client gets 503.
+    Full,
+}
+
+/// One target: config in force, client, spool, state, worker.
+pub struct TargetRuntime {
+    pub name: String,
+    config: RwLock<Arc<Target>>,
+    client: RwLock<HttpClient>,
+    retry: RwLock<RetryConfig>,
+    pub spool: Spool,
+    state: Mutex<State>,
+    metrics: Metrics,
+    /// Spool counters already added to the metrics (they are cumulative in the spool).
+    seen_dropped_full: AtomicU64,
+    seen_dropped_corrupt: AtomicU64,
+    /// Wakes the worker on config change or shutdown.
+    stop: watch::Sender<bool>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for TargetRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetRuntime")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl TargetRuntime {
+    /// Creates the runtime for an opened spool. The state starts `up` when the
+    /// spool is empty and `draining` when it holds a backlog.
+    pub fn new(target: Target, retry: RetryConfig, spool: Spool, metrics: Metrics) -> Arc<Self> {
+        let stats = spool.stats();
+        let state = if stats.records == 0 {
+            State::Up
+        } else {
+            State::Draining
+        };
+        metrics.add_target(&target.name);
+        let (stop, _) = watch::channel(false);
+        let rt = Arc::new(TargetRuntime {
+            name: target.name.clone(),
+            client: RwLock::new(upstream::client(&target)),
+            config: RwLock::new(Arc::new(target)),
+            retry: RwLock::new(retry),
+            spool,
+            state: Mutex::new(state),
+            metrics,
+            seen_dropped_full: AtomicU64::new(0),
+            seen_dropped_corrupt: AtomicU64::new(0),
+            stop,
+            worker: Mutex::new(None),
+        });
+        rt.publish_state(state);
+        rt.refresh_metrics();
+        rt
+    }
+
+    /// Starts the delivery worker.
+    pub fn start(self: &Arc<Self>) {
+        let me = self.clone();
+        let handle = tokio::spawn(async move { me.deliver().await });
+        *self.worker.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+    }
+
+    /// Stops the worker (in-flight replays are abandoned; they stay spooled).
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let handle = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.await;
+        }
+    }
+
+    /// The target config in force.
+    pub fn config(&self) -> Arc<Target> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn client(&self) -> HttpClient {
+        self.client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Applies a reloaded config: headers and query take effect at the next
+    /// send, live or replay. Spool settings other than the bound take effect at restart.
+    pub fn reconfigure(&self, target: Target, retry: RetryConfig) {
+        let old = self.config();
+        if old.base != target.base || old.connect_timeout != target.connect_timeout {
+            *self.client.write().unwrap_or_else(|p| p.into_inner()) = upstream::client(&target);
+        }
+        if old.spool != target.spool {
+            tracing::warn!(target = %self.name, "changed buffer settings take effect when forkd restarts");
+        }
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(target);
+        *self.retry.write().unwrap_or_else(|p| p.into_inner()) = retry;
+        // Wake the worker so a backoff computed under the old settings ends.
+        self.stop.send_modify(|_| {});
+    }
+
+    pub fn state(&self) -> State {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_state_locked(&self, slot: &mut State, new: State) {
+        if *slot != new {
+            tracing::info!(target = %self.name, from = slot.as_str(), to = new.as_str(), "target state changed");
+            *slot = new;
+            self.publish_state(new);
+        }
+    }
+
+    fn set_state(&self, new: State) {
+        let mut slot = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.set_state_locked(&mut slot, new);
+    }
+
+    fn publish_state(&self, state: State) {
+        self.metrics
+            .target_up
+            .with_label_values(&[&self.name])
+            .set(i64::from(state == State::Up));
+        for s in [State::Up, State::Down, State::Draining] {
+            self.metrics
+                .target_state
+                .with_label_values(&[&self.name, s.as_str()])
+                .set(i64::from(s == state));
+        }
+    }
+
+    /// Admission for one request copy of `bytes` (its record's encoded length).
+    pub fn admit(&self, bytes: u64) -> Admission {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if *state == State::Up {
+            return Admission::Live;
+        }
+        match self.spool.try_reserve(bytes) {
+            Ok(r) => Admission::Spool(r),
+            Err(Refused::Dropped) => Admission::Dropped,
+            Err(Refused::Rejected) => Admission::Full,
+        }
+    }
+
+    /// Room for a copy whose live send failed: it was admitted, so it is
+    /// spooled whatever the bound says, except under `drop_newest`.
+    pub fn reserve_after_failure(&self, bytes: u64) -> Option<Reservation> {
+        match self.spool.try_reserve(bytes) {
+            Ok(r) => Some(r),
+            Err(Refused::Dropped) => None,
+            Err(Refused::Rejected) => Some(self.spool.reserve_overcommit(bytes)),
+        }
+    }
+
+    /// Marks the target down after a transient live failure.
+    pub fn mark_down(&self) {
+        self.set_state(State::Down);
+    }
+
+    /// Marks a backlog behind an up target (a copy abandoned by `secondary_wait`).
+    pub fn mark_backlog(&self) {
+        let mut slot = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if *slot == State::Up {
+            self.set_state_locked(&mut slot, State::Draining);
+        }
+    }
+
+    /// Sends a live copy once within `deadline`, recording metrics.
+    pub async fn send_live(&self, record: &crate::spool::Record, deadline: Duration) -> Attempt {
+        let cfg = self.config();
+        let client = self.client();
+        let start = Instant::now();
+        let attempt = upstream::send(&client, &cfg, record, deadline.min(cfg.timeout)).await;
+        self.metrics
+            .target_latency
+            .with_label_values(&[&self.name, "live"])
+            .observe(start.elapsed().as_secs_f64());
+        self.count_attempt(&attempt, record);
+        attempt
+    }
+
+    /// Counts an attempt's failure reason or delivered bytes.
+    fn count_attempt(&self, attempt: &Attempt, record: &crate::spool::Record) {
+        match attempt {
+            Attempt::Delivered(_) => {
+                self.metrics
+                    .target_delivered_bytes
+                    .with_label_values(&[&self.name])
+                    .inc_by(record.body.len() as u64);
+            }
+            Attempt::Rejected(_) => {
+                self.metrics
+                    .target_attempt_failures
+                    .with_label_values(&[&self.name, "status"])
+                    .inc();
+            }
+            Attempt::Transient { reason, .. } => {
+                self.metrics
+                    .target_attempt_failures
+                    .with_label_values(&[&self.name, reason.as_str()])
+                    .inc();
+            }
+        }
+    }
+
+    /// Counts a request copy's outcome.
+    pub fn count_result(&self, result: &str) {
+        self.metrics
+            .target_requests
+            .with_label_values(&[&self.name, result])
+            .inc();
+    }
+
+    /// Keeps a record the target refused for good, and logs it.
+    pub fn keep_rejected(&self, record: &crate::spool::Record, answer: &Answer) {
+        tracing::warn!(
+            target = %self.name, request_id = %record.request_id, status = answer.status.as_u16(),
+            "target rejected the request; kept in rejected/"
+        );
+        if let Err(e) = self.spool.reject(record) {
+            tracing::error!(target = %self.name, request_id = %record.request_id, error = %e, "cannot keep rejected record");
+        }
+        self.count_result("rejected");
+    }
+
+    /// Updates the buffer gauges and counters from the spool.
+    pub fn refresh_metrics(&self) {
+        let stats = self.spool.stats();
+        let name = self.name.as_str();
+        let m = &self.metrics;
+        m.buffer_bytes
+            .with_label_values(&[name])
+            .set(to_i64(stats.bytes));
+        m.buffer_records
+            .with_label_values(&[name])
+            .set(to_i64(stats.records));
+        m.buffer_max_bytes
+            .with_label_values(&[name])
+            .set(to_i64(self.spool.options().max_size));
+        let age = stats
+            .oldest_accepted_at
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        m.buffer_oldest_age.with_label_values(&[name]).set(age);
+        m.buffer_rejected_records
+            .with_label_values(&[name])
+            .set(to_i64(stats.rejected.records));
+        let full = self
+            .seen_dropped_full
+            .swap(stats.dropped_full, Ordering::Relaxed);
+        m.buffer_dropped
+            .with_label_values(&[name, "full"])
+            .inc_by(stats.dropped_full.saturating_sub(full));
+        let corrupt = self
+            .seen_dropped_corrupt
+            .swap(stats.dropped_corrupt, Ordering::Relaxed);
+        m.buffer_dropped
+            .with_label_values(&[name, "corrupt"])
+            .inc_by(stats.dropped_corrupt.saturating_sub(corrupt));
+    }
+
+    /// Marks whether the target receives new requests.
+    pub fn set_selected(&self, selected: bool) {
+        self.metrics
+            .target_selected
+            .with_label_values(&[&self.name])
+            .set(i64::from(selected));
+    }
+
+    /// Removes the target's metric series (it left the config).
+    pub fn forget_metrics(&self) {
+        self.metrics.remove_target(&self.name);
+    }
+
+    /// The delivery worker: replays the spool in order, `drain_concurrency` at a time.
+    async fn deliver(self: Arc<Self>) {
+        let mut stop = self.stop.subscribe();
+        let mut reader = Some(self.spool.reader());
+        let mut failures: u32 = 0;
+        let mut retry_after: Option<Duration> = None;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let cfg = self.config();
+            let Some(mut r) = reader.take() else { return };
+            let window = cfg.drain_concurrency.max(1);
+            let read = tokio::task::spawn_blocking(move || {
+                let batch = r.read_batch(window, 8 << 20);
+                (r, batch)
+            })
+            .await;
+            let batch = match read {
+                Ok((r, batch)) => {
+                    reader = Some(r);
+                    batch
+                }
+                Err(e) => {
+                    tracing::error!(target = %self.name, error = %e, "spool reader task failed");
+                    return;
+                }
+            };
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(target = %self.name, error = %e, "cannot read spool; retrying");
+                    if self
+                        .pause(&mut stop, self.backoff(failures.max(1), None))
+                        .await
+                    {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            self.refresh_metrics();
+            if batch.is_empty() {
+                self.maybe_up();
+                let Some(r) = reader.as_mut() else { return };
+                tokio::select! {
+                    _ = r.wait() => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            if self.state() == State::Down && failures > 0 {
+                let delay = self.backoff(failures, retry_after.take());
+                tracing::debug!(target = %self.name, delay_ms = delay.as_millis() as u64, "backing off");
+                if self.pause(&mut stop, delay).await {
+                    return;
+                }
+            }
+            let outcome = tokio::select! {
+                o = self.replay(&cfg, &batch) => o,
+                _ = wait_stop(&mut stop) => return,
+            };
+            if let Some(end) = outcome.ack_to {
+                self.spool.ack(end);
+            }
+            match outcome.failure {
+                None => {
+                    failures = 0;
+                    if self.state() == State::Down {
+                        self.set_state(State::Draining);
+                    }
+                }
+                Some(after) => {
+                    failures = failures.saturating_add(1);
+                    retry_after = after;
+                    self.set_state(State::Down);
+                    if let Some(r) = reader.as_mut() {
+                        r.rewind();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a batch concurrently and decides, in order, how far to acknowledge.
+    async fn replay(&self, cfg: &Target, batch: &[Spooled]) -> ReplayOutcome {
+        let client = self.client();
+        let sends = batch.iter().map(|s| {
+            let client = &client;
+            async move {
+                let start = Instant::now();
+                let attempt = upstream::send(client, cfg, &s.record, cfg.timeout).await;
+                self.metrics
+                    .target_latency
+                    .with_label_values(&[&self.name, "replay"])
+                    .observe(start.elapsed().as_secs_f64());
+                self.count_attempt(&attempt, &s.record);
+                attempt
+            }
+        });
+        let attempts = futures::future::join_all(sends).await;
+        let mut outcome = ReplayOutcome {
+            ack_to: None,
+            failure: None,
+        };
+        for (s, attempt) in batch.iter().zip(attempts) {
+            match attempt {
+                Attempt::Delivered(_) => {
+                    self.count_result("delivered");
+                    if outcome.failure.is_none() {
+                        outcome.ack_to = Some(s.end);
+                    }
+                }
+                Attempt::Rejected(answer) => {
+                    if outcome.failure.is_none() {
+                        self.keep_rejected(&s.record, &answer);
+                        outcome.ack_to = Some(s.end);
+                    }
+                }
+                Attempt::Transient {
+                    reason,
+                    retry_after,
+                    detail,
+                    ..
+                } => {
+                    if outcome.failure.is_none() {
+                        tracing::info!(
+                            target = %self.name, request_id = %s.record.request_id,
+                            reason = reason.as_str(), %detail, "replay failed; will retry"
+                        );
+                        outcome.failure = Some(retry_after);
+                    }
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Draining → up once nothing is spooled or reserved (under the state lock).
+    fn maybe_up(&self) {
+        let mut slot = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if *slot == State::Up {
+            return;
+        }
+        let stats = self.spool.stats();
+        if stats.records == 0 && stats.reserved_bytes == 0 {
+            self.set_state_locked(&mut slot, State::Up);
+        }
+    }
+
+    /// Capped exponential backoff with full jitter; a `Retry-After` from the
+    /// target is honoured up to `max_backoff`.
+    fn backoff(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
+        let retry = self.retry.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let exp = failures.saturating_sub(1).min(32);
+        let cap = retry
+            .initial_backoff
+            .saturating_mul(1u32 << exp.min(31))
+            .min(retry.max_backoff);
+        let jittered = cap.mul_f64(crate::rand::unit());
+        match retry_after {
+            Some(after) => after.min(retry.max_backoff).max(jittered),
+            None => jittered,
+        }
+    }
+
+    /// Sleeps for `delay` unless stopped; true when stopped. A config change ends the pause early.
+    async fn pause(&self, stop: &mut watch::Receiver<bool>, delay: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => false,
+            _ = stop.changed() => *stop.borrow(),
+        }
+    }
+
+    /// Appends an admitted copy within its reservation; maps errors for the answer.
+    pub async fn append(
+        &self,
+        reservation: Reservation,
+        record: crate::spool::Record,
+    ) -> Result<(), SpoolError> {
+        let result = self.spool.append(reservation, record).await;
+        match &result {
+            Ok(_) => self.count_result("spooled"),
+            Err(e) => tracing::error!(target = %self.name, error = %e, "cannot spool request"),
+        }
+        result.map(|_| ())
+    }
+}
+
+struct ReplayOutcome {
+    ack_to: Option<u64>,
+    /// Set when a record failed transiently (with the target's Retry-After).
+    failure: Option<Option<Duration>>,
+}
+
+async fn wait_stop(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
