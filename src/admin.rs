@@ -121,7 +121,7 @@ fn check_token<B>(control: &Control, req: &Request<B>) -> Option<Resp> {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(crate::proxy_headers::bearer_token)
         .map(str::trim);
     let ok = given.is_some_and(|g| {
         g.len() == token.len()

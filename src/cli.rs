@@ -110,10 +110,8 @@ fn run(path: &Path) -> ExitCode {
     };
     match rt.block_on(crate::app::run(path.to_path_buf())) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "forkd failed");
-            fail(e)
-        }
+        // One line, not a log event and the same text again.
+        Err(e) => fail(e),
     }
 }
 

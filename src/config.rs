@@ -49,6 +49,7 @@ impl ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: String,
+    #[serde(deserialize_with = "lenient::strings")]
     pub methods: Vec<String>,
     pub max_body_size: ByteSize,
     pub max_inflight_bytes: ByteSize,
@@ -58,6 +59,7 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// Client connections served at once; more wait in the kernel's backlog.
+    #[serde(deserialize_with = "lenient::usize")]
     pub max_connections: usize,
     /// Keep-alive connections idle longer than this are closed.
     #[serde(with = "humantime_serde")]
@@ -66,6 +68,7 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     pub tls: Option<TlsConfig>,
+    #[serde(deserialize_with = "lenient::strings")]
     pub auth_tokens: Vec<String>,
 }
 
@@ -161,6 +164,7 @@ pub struct RoutingConfig {
     pub active: String,
     #[serde(with = "humantime_serde")]
     pub secondary_wait: Duration,
+    #[serde(deserialize_with = "lenient::u16")]
     pub spooled_status: u16,
 }
 
@@ -189,7 +193,10 @@ pub struct TargetConfig {
     pub connect_timeout: Duration,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    #[serde(default = "default_retry_statuses")]
+    #[serde(
+        default = "default_retry_statuses",
+        deserialize_with = "lenient::statuses"
+    )]
     pub retry_statuses: Vec<u16>,
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -216,6 +223,7 @@ pub struct BufferConfig {
     /// Unset: `reject` for the active target, `drop_oldest` for the others.
     pub when_full: Option<WhenFull>,
     pub fsync: FsyncPolicy,
+    #[serde(deserialize_with = "lenient::usize")]
     pub drain_concurrency: usize,
     pub segment_size: ByteSize,
     pub rejected_max_size: ByteSize,
@@ -245,7 +253,11 @@ pub struct BufferOverride {
     pub when_full: Option<WhenFull>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fsync: Option<FsyncPolicy>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient::some_usize"
+    )]
     pub drain_concurrency: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub segment_size: Option<ByteSize>,
@@ -305,11 +317,24 @@ pub struct Target {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub retry_statuses: Vec<u16>,
     pub ca_file: Option<PathBuf>,
+    /// Spool options; `spool.when_full` is resolved for the configured active target.
     pub spool: SpoolOptions,
+    /// `when_full` as written (target override, else `[buffer]`); unset means
+    /// by role: `reject` for the active target, `drop_oldest` for the others.
+    pub when_full: Option<WhenFull>,
     pub drain_concurrency: usize,
 }
 
 impl Target {
+    /// The `when_full` policy for this target in a role.
+    pub fn when_full_for(&self, is_active: bool) -> WhenFull {
+        self.when_full.unwrap_or(if is_active {
+            WhenFull::Reject
+        } else {
+            WhenFull::DropOldest
+        })
+    }
+
     /// The URL as shown in `/status` and logs: no query string (it may hold credentials).
     pub fn display_url(&self) -> String {
         self.base.to_string()
@@ -403,12 +428,12 @@ impl RawConfig {
                 (!rest.is_empty()).then(|| (rest.to_owned(), v))
             })
             .collect();
+        // Override values stay strings: guessing types here would turn a token
+        // such as "007" into the number 7. Numeric and list keys accept strings
+        // when deserialized (see `lenient`).
         let env = config::Environment::default()
             .separator(ENV_SEPARATOR)
-            .try_parsing(true)
-            .list_separator(",")
-            .with_list_parse_key("server.methods")
-            .with_list_parse_key("server.auth_tokens")
+            .try_parsing(false)
             .source(Some(overrides));
         let built = config::Config::builder()
             .add_source(config::File::from_str(&text, format))
@@ -535,6 +560,14 @@ impl RawConfig {
         if self.buffer.dir.as_os_str().is_empty() {
             p.push("buffer.dir: must be set".into());
         }
+        check_buffer_values(
+            "buffer",
+            Some(self.buffer.max_size.as_u64()),
+            Some(self.buffer.drain_concurrency),
+            Some(self.buffer.segment_size.as_u64()),
+            Some(self.buffer.rejected_max_size.as_u64()),
+            &mut p,
+        );
         let mut targets = Vec::new();
         for (name, t) in &self.targets {
             let key = format!("targets.{name}");
@@ -640,27 +673,16 @@ impl RawConfig {
         let drain_concurrency = o.drain_concurrency.unwrap_or(b.drain_concurrency);
         let segment_size = o.segment_size.unwrap_or(b.segment_size).as_u64();
         let rejected_max_size = o.rejected_max_size.unwrap_or(b.rejected_max_size).as_u64();
-        let bkey = if o.max_size.is_some() {
-            format!("{key}.buffer")
-        } else {
-            "buffer".into()
-        };
-        if max_size < MIN_BUFFER_SIZE {
-            p.push(format!("{bkey}.max_size: at least 1MiB"));
-        }
-        if !(1..=1024).contains(&drain_concurrency) {
-            p.push(format!(
-                "{key}.buffer.drain_concurrency: must be between 1 and 1024"
-            ));
-        }
-        if segment_size < crate::spool::MIN_SEGMENT_SIZE {
-            p.push(format!("{key}.buffer.segment_size: at least 64KiB"));
-        }
-        if rejected_max_size == 0 {
-            p.push(format!(
-                "{key}.buffer.rejected_max_size: must be above zero"
-            ));
-        }
+        // The [buffer] defaults are checked once, in `validate`; only the
+        // overrides this target sets are checked here, under its own key.
+        check_buffer_values(
+            &format!("{key}.buffer"),
+            o.max_size.map(|v| v.as_u64()),
+            o.drain_concurrency,
+            o.segment_size.map(|v| v.as_u64()),
+            o.rejected_max_size.map(|v| v.as_u64()),
+            p,
+        );
         if when_full == WhenFull::Reject && !is_active && self.routing.mode == Mode::ActiveActive {
             warnings.push(format!(
                 "{key}: when_full = \"reject\" on a secondary target: a full backup spool makes clients get 503"
@@ -686,8 +708,35 @@ impl RawConfig {
                 rejected_max_size,
                 ..SpoolOptions::default()
             },
+            when_full: o.when_full.or(b.when_full),
             drain_concurrency,
         })
+    }
+}
+
+/// Checks the buffer values that are set, naming them under `prefix`
+/// (`buffer` or `targets.<name>.buffer`).
+fn check_buffer_values(
+    prefix: &str,
+    max_size: Option<u64>,
+    drain_concurrency: Option<usize>,
+    segment_size: Option<u64>,
+    rejected_max_size: Option<u64>,
+    p: &mut Vec<String>,
+) {
+    if max_size.is_some_and(|v| v < MIN_BUFFER_SIZE) {
+        p.push(format!("{prefix}.max_size: at least 1MiB"));
+    }
+    if drain_concurrency.is_some_and(|v| !(1..=1024).contains(&v)) {
+        p.push(format!(
+            "{prefix}.drain_concurrency: must be between 1 and 1024"
+        ));
+    }
+    if segment_size.is_some_and(|v| v < crate::spool::MIN_SEGMENT_SIZE) {
+        p.push(format!("{prefix}.segment_size: at least 64KiB"));
+    }
+    if rejected_max_size == Some(0) {
+        p.push(format!("{prefix}.rejected_max_size: must be above zero"));
     }
 }
 
@@ -816,4 +865,135 @@ pub fn interpolate_str(
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Deserializers for numeric and list keys that also take the strings an
+/// environment override gives (`FORKD__ROUTING__SPOOLED_STATUS=200`,
+/// `FORKD__SERVER__METHODS=POST,PUT`).
+mod lenient {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{self, Deserializer, SeqAccess, Unexpected, Visitor};
+
+    struct Int<T> {
+        max: u64,
+        _t: PhantomData<T>,
+    }
+
+    impl<'de, T: TryFrom<u64>> Visitor<'de> for Int<T> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "an integer from 0 to {}", self.max)
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+            if v > self.max {
+                return Err(E::invalid_value(Unexpected::Unsigned(v), &self));
+            }
+            T::try_from(v).map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+            match u64::try_from(v) {
+                Ok(u) => self.visit_u64(u),
+                Err(_) => Err(E::invalid_value(Unexpected::Signed(v), &self)),
+            }
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+            match v.trim().parse::<u64>() {
+                Ok(u) => self.visit_u64(u),
+                Err(_) => Err(E::invalid_value(Unexpected::Str(v), &self)),
+            }
+        }
+    }
+
+    fn int<'de, D: Deserializer<'de>, T: TryFrom<u64>>(d: D, max: u64) -> Result<T, D::Error> {
+        d.deserialize_any(Int {
+            max,
+            _t: PhantomData,
+        })
+    }
+
+    pub fn u16<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+        int(d, u64::from(u16::MAX))
+    }
+
+    pub fn usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        int(d, u64::try_from(usize::MAX).unwrap_or(u64::MAX))
+    }
+
+    pub fn some_usize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+        usize(d).map(Some)
+    }
+
+    /// A `u16` element of a list.
+    struct Status(u16);
+
+    impl<'de> de::Deserialize<'de> for Status {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            u16(d).map(Status)
+        }
+    }
+
+    struct List<T>(PhantomData<T>);
+
+    impl<'de> Visitor<'de> for List<String> {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of strings, or one string of comma-separated values")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<String>, E> {
+            Ok(split(v).map(str::to_owned).collect())
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(s) = seq.next_element::<String>()? {
+                out.push(s);
+            }
+            Ok(out)
+        }
+    }
+
+    impl<'de> Visitor<'de> for List<u16> {
+        type Value = Vec<u16>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of HTTP statuses, or one string of comma-separated statuses")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<u16>, E> {
+            split(v)
+                .map(|s| {
+                    s.parse::<u16>()
+                        .map_err(|_| E::invalid_value(Unexpected::Str(s), &self))
+                })
+                .collect()
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u16>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(Status(s)) = seq.next_element::<Status>()? {
+                out.push(s);
+            }
+            Ok(out)
+        }
+    }
+
+    fn split(v: &str) -> impl Iterator<Item = &str> {
+        v.split(',').map(str::trim).filter(|s| !s.is_empty())
+    }
+
+    pub fn strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        d.deserialize_any(List::<String>(PhantomData))
+    }
+
+    pub fn statuses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {
+        d.deserialize_any(List::<u16>(PhantomData))
+    }
 }

@@ -215,6 +215,7 @@ fn demo_target() -> crate::config::Target {
         retry_statuses: Vec::new(),
         ca_file: None,
         spool: Default::default(),
+        when_full: None,
         drain_concurrency: 1,
     }
 }

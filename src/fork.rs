@@ -144,6 +144,7 @@ impl Fork {
     pub fn set_routing(&self, routing: Arc<Routing>) {
         for t in &routing.targets {
             t.set_selected(routing.is_selected(&t.name));
+            t.apply_role(t.name == routing.active);
         }
         *self.routing.write().unwrap_or_else(|p| p.into_inner()) = routing;
     }
@@ -352,14 +353,25 @@ impl Fork {
         let active = routing.active.as_str();
         let secondary_wait =
             (cfg.raw.routing.mode == Mode::ActiveActive).then_some(cfg.raw.routing.secondary_wait);
+        // Non-active copies may hold the answer back at most `secondary_wait`
+        // after the active copy has its outcome.
+        let (active_done, active_done_rx) = tokio::sync::watch::channel(false);
+        let active_done = &active_done;
         let copies = selected.iter().zip(admissions).map(|(t, admission)| {
             let record = record.clone();
-            let wait = if t.name == active {
+            let is_active = t.name == active;
+            let hold = if is_active {
                 None
             } else {
-                secondary_wait
+                secondary_wait.map(|w| (active_done_rx.clone(), w))
             };
-            async move { copy(t, record, admission, wait).await }
+            async move {
+                let outcome = copy(t, record, admission, hold).await;
+                if is_active {
+                    active_done.send_replace(true);
+                }
+                outcome
+            }
         });
         let outcomes = futures::future::join_all(copies).await;
         self.answer(cfg, &selected, active, outcomes)
@@ -447,11 +459,14 @@ impl Fork {
 }
 
 /// One target's copy: live with fallback to the spool, or straight to the spool.
+///
+/// `hold` (active-active, non-active target): the copy is abandoned and spooled
+/// when it is still running `secondary_wait` after the active copy finished.
 async fn copy(
     t: &TargetRuntime,
     record: Arc<Record>,
     admission: Admission,
-    wait: Option<Duration>,
+    hold: Option<(tokio::sync::watch::Receiver<bool>, Duration)>,
 ) -> Outcome {
     match admission {
         Admission::Full => Outcome::Failed,
@@ -462,43 +477,53 @@ async fn copy(
         Admission::Spool(reservation) => spool(t, reservation, &record).await,
         Admission::Live => {
             let cfg = t.config();
-            let deadline = wait.map_or(cfg.timeout, |w| w.min(cfg.timeout));
-            match t.send_live(&record, deadline).await {
-                Attempt::Delivered(a) => {
+            let attempt = match hold {
+                None => Some(t.send_live(&record, cfg.timeout).await),
+                Some((mut active_done, wait)) => tokio::select! {
+                    a = t.send_live(&record, cfg.timeout) => Some(a),
+                    () = async {
+                        let _ = active_done.wait_for(|done| *done).await;
+                        tokio::time::sleep(wait).await;
+                    } => None,
+                },
+            };
+            match attempt {
+                Some(Attempt::Delivered(a)) => {
                     t.count_result("delivered");
                     Outcome::Answered(a)
                 }
-                Attempt::Rejected(a) => {
+                Some(Attempt::Rejected(a)) => {
                     t.keep_rejected(&record, &a);
                     Outcome::Rejected(a)
                 }
-                Attempt::Transient {
-                    reason,
-                    detail,
-                    retry_after: _,
-                    answer: _,
-                } => {
-                    let abandoned = wait.is_some_and(|w| w < cfg.timeout)
-                        && reason == upstream::FailureReason::Timeout;
-                    if abandoned {
-                        tracing::info!(target = %t.name, request_id = %record.request_id, "secondary_wait passed; spooling");
-                        t.mark_backlog();
-                    } else {
-                        tracing::info!(
-                            target = %t.name, request_id = %record.request_id,
-                            reason = reason.as_str(), %detail, "live send failed; spooling"
-                        );
-                        t.mark_down();
-                    }
-                    match t.reserve_after_failure(record.encoded_len()) {
-                        Some(r) => spool(t, r, &record).await,
-                        None => {
-                            t.count_result("dropped");
-                            Outcome::Dropped
-                        }
-                    }
+                None => {
+                    tracing::info!(
+                        target = %t.name, request_id = %record.request_id,
+                        "secondary_wait passed after the active target answered; spooling this copy"
+                    );
+                    t.count_abandoned();
+                    t.mark_backlog();
+                    spool_after_failure(t, &record).await
+                }
+                Some(Attempt::Transient { reason, detail, .. }) => {
+                    tracing::info!(
+                        target = %t.name, request_id = %record.request_id,
+                        reason = reason.as_str(), %detail, "live send failed; spooling"
+                    );
+                    t.mark_down();
+                    spool_after_failure(t, &record).await
                 }
             }
+        }
+    }
+}
+
+async fn spool_after_failure(t: &TargetRuntime, record: &Record) -> Outcome {
+    match t.reserve_after_failure(record.encoded_len()) {
+        Some(r) => spool(t, r, record).await,
+        None => {
+            t.count_result("dropped");
+            Outcome::Dropped
         }
     }
 }
@@ -578,7 +603,7 @@ fn authorized(tokens: &[String], headers: &http::HeaderMap) -> bool {
     let Some(given) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(crate::proxy_headers::bearer_token)
     else {
         return false;
     };

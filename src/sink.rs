@@ -17,7 +17,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -36,6 +36,8 @@ pub enum Behavior {
     Hang,
     /// Send the status line and part of the body, then drop the connection.
     CloseMidAnswer,
+    /// Answer this status with a body of this many bytes (`b'x'`).
+    Body(u16, usize),
 }
 
 /// One request as the sink received it.
@@ -83,7 +85,8 @@ impl SinkBuilder {
 
     /// Binds 127.0.0.1 on a free port and starts serving.
     pub async fn start(self) -> std::io::Result<Sink> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let socket = port_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let listener = socket.listen(1024)?;
         let addr = listener.local_addr()?;
         let inner = Arc::new(Mutex::new(Inner {
             script: self.script.into(),
@@ -94,6 +97,7 @@ impl SinkBuilder {
             addr,
             inner,
             running: None,
+            reserved: None,
         };
         sink.serve(listener);
         Ok(sink)
@@ -106,6 +110,10 @@ pub struct Sink {
     addr: SocketAddr,
     inner: Arc<Mutex<Inner>>,
     running: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    /// While stopped: a bound, non-listening socket that keeps the port, so
+    /// that no other socket of this host takes it during the outage
+    /// (connections are refused) and [`Sink::restart`] cannot fail.
+    reserved: Option<TcpSocket>,
 }
 
 type SinkBody = BoxBody<Bytes, std::io::Error>;
@@ -162,9 +170,13 @@ impl Sink {
         self.running.is_some()
     }
 
-    /// Stops listening and closes every connection (an outage).
+    /// Stops listening and closes every connection (an outage). The port
+    /// stays reserved for [`Sink::restart`]: connections to it are refused.
     pub async fn stop(&mut self) {
         if let Some((stop, task)) = self.running.take() {
+            // Reserve the port before the listener closes (both sockets use
+            // SO_REUSEPORT); if that fails the port is only released.
+            self.reserved = port_socket(self.addr).ok();
             let _ = stop.send(true);
             let _ = task.await;
         }
@@ -175,7 +187,11 @@ impl Sink {
         if self.running.is_some() {
             return Ok(());
         }
-        let listener = TcpListener::bind(self.addr).await?;
+        let socket = match self.reserved.take() {
+            Some(s) => s,
+            None => port_socket(self.addr)?,
+        };
+        let listener = socket.listen(1024)?;
         self.serve(listener);
         Ok(())
     }
@@ -203,6 +219,15 @@ impl Sink {
     }
 }
 
+/// A socket bound to `addr` with SO_REUSEADDR and SO_REUSEPORT, not yet listening.
+fn port_socket(addr: SocketAddr) -> std::io::Result<TcpSocket> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
+}
+
 async fn answer(inner: Arc<Mutex<Inner>>, req: Request<Incoming>) -> Response<SinkBody> {
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
@@ -217,7 +242,10 @@ async fn answer(inner: Arc<Mutex<Inner>>, req: Request<Incoming>) -> Response<Si
             .or_else(|| g.default.clone())
             .unwrap_or(Behavior::Status(200));
         let status = match &b {
-            Behavior::Status(s) | Behavior::RetryAfter(s, _) | Behavior::Delay(_, s) => Some(*s),
+            Behavior::Status(s)
+            | Behavior::RetryAfter(s, _)
+            | Behavior::Delay(_, s)
+            | Behavior::Body(s, _) => Some(*s),
             Behavior::Hang | Behavior::CloseMidAnswer => None,
         };
         g.received.push(Received {
@@ -240,6 +268,15 @@ async fn answer(inner: Arc<Mutex<Inner>>, req: Request<Incoming>) -> Response<Si
         Behavior::Delay(d, s) => {
             tokio::time::sleep(d).await;
             status(code(s), None)
+        }
+        Behavior::Body(s, len) => {
+            let mut r = Response::new(
+                Full::new(Bytes::from(vec![b'x'; len]))
+                    .map_err(|e: Infallible| match e {})
+                    .boxed(),
+            );
+            *r.status_mut() = code(s);
+            r
         }
         Behavior::Hang => std::future::pending().await,
         Behavior::CloseMidAnswer => {

@@ -136,7 +136,8 @@ impl TargetRuntime {
             .clone()
     }
 
-    fn client(&self) -> HttpClient {
+    /// The target's pooled client.
+    pub fn client(&self) -> HttpClient {
         self.client
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -150,8 +151,13 @@ impl TargetRuntime {
         if old.base != target.base || old.connect_timeout != target.connect_timeout {
             *self.client.write().unwrap_or_else(|p| p.into_inner()) = upstream::client(&target);
         }
-        if old.spool != target.spool {
-            tracing::warn!(target = %self.name, "changed buffer settings take effect when forkd restarts");
+        let restart_only =
+            |o: &crate::spool::SpoolOptions| (o.fsync, o.segment_size, o.rejected_max_size);
+        if restart_only(&old.spool) != restart_only(&target.spool) {
+            tracing::warn!(
+                target = %self.name,
+                "changed buffer fsync, segment_size or rejected_max_size take effect when forkd restarts"
+            );
         }
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(target);
         *self.retry.write().unwrap_or_else(|p| p.into_inner()) = retry;
@@ -263,6 +269,14 @@ impl TargetRuntime {
         }
     }
 
+    /// Counts a live copy abandoned by `secondary_wait` (a timeout).
+    pub fn count_abandoned(&self) {
+        self.metrics
+            .target_attempt_failures
+            .with_label_values(&[&self.name, "timeout"])
+            .inc();
+    }
+
     /// Counts a request copy's outcome.
     pub fn count_result(&self, result: &str) {
         self.metrics
@@ -296,7 +310,7 @@ impl TargetRuntime {
             .set(to_i64(stats.records));
         m.buffer_max_bytes
             .with_label_values(&[name])
-            .set(to_i64(self.spool.options().max_size));
+            .set(to_i64(self.spool.bounds().0));
         let age = stats
             .oldest_accepted_at
             .and_then(|t| SystemTime::now().duration_since(t).ok())
@@ -317,6 +331,21 @@ impl TargetRuntime {
         m.buffer_dropped
             .with_label_values(&[name, "corrupt"])
             .inc_by(stats.dropped_corrupt.saturating_sub(corrupt));
+    }
+
+    /// Applies the target's role: the default `when_full` follows whether it
+    /// is the active target (`reject`) or not (`drop_oldest`), and the bound
+    /// follows the config in force.
+    pub fn apply_role(&self, is_active: bool) {
+        let cfg = self.config();
+        let bounds = (cfg.spool.max_size, cfg.when_full_for(is_active));
+        if self.spool.bounds() != bounds {
+            tracing::info!(
+                target = %self.name, max_size = bounds.0, when_full = %bounds.1,
+                "spool bound and full policy applied"
+            );
+            self.spool.set_bounds(bounds.0, bounds.1);
+        }
     }
 
     /// Marks whether the target receives new requests.
@@ -341,6 +370,17 @@ impl TargetRuntime {
         loop {
             if *stop.borrow() {
                 return;
+            }
+            // Back off before reading, so that what is replayed after the
+            // pause is read then (records evicted meanwhile are not sent) and
+            // sent under the config in force then (a token rotated by a
+            // reload during the pause is used at once).
+            if self.state() == State::Down && failures > 0 {
+                let delay = self.backoff(failures, retry_after.take());
+                tracing::debug!(target = %self.name, delay_ms = delay.as_millis() as u64, "backing off");
+                if self.pause(&mut stop, delay).await {
+                    return;
+                }
             }
             let cfg = self.config();
             let Some(mut r) = reader.take() else { return };
@@ -382,13 +422,6 @@ impl TargetRuntime {
                     _ = stop.changed() => {}
                 }
                 continue;
-            }
-            if self.state() == State::Down && failures > 0 {
-                let delay = self.backoff(failures, retry_after.take());
-                tracing::debug!(target = %self.name, delay_ms = delay.as_millis() as u64, "backing off");
-                if self.pause(&mut stop, delay).await {
-                    return;
-                }
             }
             let outcome = tokio::select! {
                 o = self.replay(&cfg, &batch) => o,

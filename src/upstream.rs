@@ -352,6 +352,7 @@ mod tests {
             retry_statuses: vec![503],
             ca_file: None,
             spool: Default::default(),
+            when_full: None,
             drain_concurrency: 1,
         }
     }

@@ -157,19 +157,32 @@ fn inspect_target(name: &str, dir: &Path, verify: bool) -> Result<TargetReport, 
     Ok(t)
 }
 
-/// Formats a byte count the way operators read it.
+/// Formats a byte count the way operators read it, without spaces ("1.2KiB").
 pub fn human_bytes(n: u64) -> String {
-    bytesize::ByteSize::b(n).display().iec().to_string()
+    bytesize::ByteSize::b(n)
+        .display()
+        .iec()
+        .to_string()
+        .replace(' ', "")
 }
 
+/// Formats an age with its two largest units and no spaces ("3d4h", "12m5s").
 fn human_age(since: Option<SystemTime>, now: SystemTime) -> String {
-    match since {
-        None => "-".into(),
-        Some(t) => {
-            let age = now.duration_since(t).unwrap_or(Duration::ZERO);
-            humantime::format_duration(Duration::from_secs(age.as_secs())).to_string()
+    let Some(t) = since else { return "-".into() };
+    let secs = now.duration_since(t).unwrap_or(Duration::ZERO).as_secs();
+    let units = [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")];
+    let mut parts = Vec::new();
+    let mut rest = secs;
+    for (size, name) in units {
+        if rest >= size || (parts.is_empty() && size == 1) {
+            parts.push(format!("{}{name}", rest / size));
+            rest %= size;
+        }
+        if parts.len() == 2 {
+            break;
         }
     }
+    parts.concat()
 }
 
 /// Renders the report as a table (plus the damage list).
@@ -220,4 +233,20 @@ pub fn render(report: &Report, now: SystemTime) -> String {
         out.push_str("(frame headers checked; add --verify to check every record's checksum)\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_and_sizes_render_without_spaces_so_columns_split_cleanly() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let ago = |s: u64| Some(now - Duration::from_secs(s));
+        assert_eq!(human_age(None, now), "-");
+        assert_eq!(human_age(ago(0), now), "0s");
+        assert_eq!(human_age(ago(75), now), "1m15s");
+        assert_eq!(human_age(ago(3 * 86_400 + 4 * 3_600 + 5), now), "3d4h");
+        assert_eq!(human_bytes(1536), "1.5KiB");
+    }
 }

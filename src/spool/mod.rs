@@ -356,8 +356,10 @@ struct Core {
     rejected: Mutex<rejected::RejectedStore>,
 }
 
-#[derive(Default)]
 struct State {
+    /// Bound and policy in force (start from the options; changed by `set_bounds`).
+    max_size: u64,
+    when_full: WhenFull,
     /// Written, unacknowledged records in log order.
     index: VecDeque<Entry>,
     index_bytes: u64,
@@ -378,6 +380,27 @@ struct State {
 }
 
 impl State {
+    fn new(opts: &SpoolOptions) -> Self {
+        State {
+            max_size: opts.max_size,
+            when_full: opts.when_full,
+            index: VecDeque::new(),
+            index_bytes: 0,
+            end: 0,
+            segments: BTreeMap::new(),
+            pending_bytes: 0,
+            pending_records: 0,
+            reserved: 0,
+            durable_cursor: 0,
+            dropped_full: 0,
+            dropped_newest: 0,
+            dropped_corrupt: 0,
+            write_error: None,
+            nudged: false,
+            closed: false,
+        }
+    }
+
     fn cursor(&self) -> u64 {
         self.index.front().map_or(self.end, |e| e.lsn)
     }
@@ -469,7 +492,8 @@ struct Handle {
     core: Arc<Core>,
     tx: mpsc::Sender<Cmd>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    _lock: DirLock,
+    /// Released as soon as the writer has stopped, even while stale clones exist.
+    lock: Mutex<Option<DirLock>>,
 }
 
 impl Handle {
@@ -482,6 +506,7 @@ impl Handle {
             tracing::error!(dir = %self.core.dir.display(), "spool writer thread panicked");
         }
         self.core.lock().closed = true;
+        drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 }
 
@@ -583,7 +608,7 @@ impl Spool {
                 core,
                 tx,
                 thread: Mutex::new(Some(thread)),
-                _lock: lock,
+                lock: Mutex::new(Some(lock)),
             }),
         })
     }
@@ -609,8 +634,8 @@ impl Spool {
     pub fn try_reserve(&self, bytes: u64) -> Result<Reservation, Refused> {
         let core = self.core();
         let mut st = core.lock();
-        if st.used().saturating_add(bytes) > core.opts.max_size {
-            match core.opts.when_full {
+        if st.used().saturating_add(bytes) > st.max_size {
+            match st.when_full {
                 WhenFull::Reject => return Err(Refused::Rejected),
                 WhenFull::DropNewest => {
                     st.dropped_newest += 1;
@@ -633,9 +658,7 @@ impl Spool {
     pub fn reserve_overcommit(&self, bytes: u64) -> Reservation {
         let core = self.core();
         let mut st = core.lock();
-        if core.opts.when_full == WhenFull::DropOldest
-            && st.used().saturating_add(bytes) > core.opts.max_size
-        {
+        if st.when_full == WhenFull::DropOldest && st.used().saturating_add(bytes) > st.max_size {
             self.evict_locked(&mut st, bytes);
         }
         st.reserved += bytes;
@@ -646,8 +669,22 @@ impl Spool {
         }
     }
 
+    /// Changes the bound and the full policy of an open spool (reload, or
+    /// the active target changed, which changes the default policy).
+    pub fn set_bounds(&self, max_size: u64, when_full: WhenFull) {
+        let mut st = self.core().lock();
+        st.max_size = max_size;
+        st.when_full = when_full;
+    }
+
+    /// The bound and full policy in force.
+    pub fn bounds(&self) -> (u64, WhenFull) {
+        let st = self.core().lock();
+        (st.max_size, st.when_full)
+    }
+
     fn evict_locked(&self, st: &mut State, bytes: u64) {
-        let max = self.core().opts.max_size;
+        let max = st.max_size;
         let before = st.cursor();
         while st.used().saturating_add(bytes) > max {
             if st.pop_front().is_none() {
@@ -871,6 +908,10 @@ impl Reader {
         self.next = self.next.max(st.cursor());
         let start = st.index.partition_point(|e| e.lsn < self.next);
         let Some(first) = st.index.get(start).copied() else {
+            // Caught up. Step over what is published but not indexed (records
+            // skipped as damaged at open) so that `wait` waits for new data
+            // instead of returning at once forever.
+            self.next = self.next.max(st.end);
             return Ok(None);
         };
         let Some((&base, &seg_len)) = st.segments.range(..=first.lsn).next_back() else {
@@ -982,7 +1023,7 @@ fn recover(dir: &Path, opts: &SpoolOptions) -> Result<Recovered, SpoolError> {
         }
     };
     let behind = |lsn: u64| cursor.is_some_and(|c| lsn < c);
-    let mut st = State::default();
+    let mut st = State::new(opts);
     let mut removed_any = false;
     let mut last_usable: Option<(u64, u64)> = None;
     let count = listing.segments.len();

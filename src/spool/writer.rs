@@ -135,7 +135,9 @@ impl Writer {
             {
                 let result = self.commit_group(&mut group).and_then(|()| self.roll());
                 if let Err(e) = result {
-                    fail_all(std::iter::once(append).chain(rest), &e);
+                    // A segment that cannot be created is a write error too.
+                    self.core.set_write_error(Some(e.to_string()));
+                    fail_all(&self.core, std::iter::once(append).chain(rest), &e);
                     return;
                 }
             }
@@ -165,7 +167,7 @@ impl Writer {
             let _ = self.active.file.set_len(offset);
             let err = SpoolError::io("append to", &self.segment_path(self.active.base), e);
             self.core.set_write_error(Some(err.to_string()));
-            fail_all(group.drain(..).map(|(a, _)| a), &err);
+            fail_all(&self.core, group.drain(..).map(|(a, _)| a), &err);
             self.buf.clear();
             return Err(err);
         }
@@ -274,7 +276,17 @@ impl Writer {
     }
 }
 
-fn fail_all(appends: impl Iterator<Item = Append>, err: &SpoolError) {
+/// Fails appends that were not written: they stop counting as pending (in
+/// `stats` and against `max_size`) and their callers get the error.
+fn fail_all(core: &Core, appends: impl Iterator<Item = Append>, err: &SpoolError) {
+    let appends: Vec<Append> = appends.collect();
+    {
+        let mut st = core.lock();
+        for append in &appends {
+            st.pending_bytes = st.pending_bytes.saturating_sub(append.len);
+            st.pending_records = st.pending_records.saturating_sub(1);
+        }
+    }
     for append in appends {
         let _ = append.reply.send(Err(err.duplicate()));
     }

@@ -1,0 +1,1106 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! SPEC.md "What a request gets": methods, body, admission, headers and URL,
+//! outcomes and the answer; plus h2c and `server.auth_tokens`.
+
+use bytes::Bytes;
+use forkd::sink::Behavior;
+use http::{Method, Request, Version};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::common::*;
+
+// ------------------------------------------------------------------ methods
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_is_forked_to_both_targets_with_the_same_body() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+
+    let r = d.post("/v1/logs", "hello, both regions").await;
+
+    assert_eq!(r.status, 200, "{}", r.text());
+    for s in [&primary, &backup] {
+        let got = s.received();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].method, Method::POST);
+        assert_eq!(got[0].path_and_query, "/v1/logs");
+        assert_eq!(got[0].body, "hello, both regions");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_is_forked_to_both_targets_too() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+
+    let r = d
+        .send(
+            Request::put("/container/blob")
+                .body(Full::new(Bytes::from("blob bytes")))
+                .unwrap(),
+        )
+        .await;
+
+    assert_eq!(r.status, 200, "{}", r.text());
+    for s in [&primary, &backup] {
+        let got = s.received();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].method, Method::PUT);
+        assert_eq!(got[0].body, "blob bytes");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_goes_to_the_active_target_only_is_never_spooled_and_gets_502_when_it_is_down() {
+    let mut primary = sink().await;
+    let backup = sink().await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+
+    let r = d.get("/api/v1/query?query=up").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "ok\n");
+    let head = d
+        .send(
+            Request::head("/api/v1/status")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(head.status, 200);
+    let got = primary.received();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].method, Method::GET);
+    assert_eq!(got[0].path_and_query, "/api/v1/query?query=up");
+    assert_eq!(got[1].method, Method::HEAD);
+    assert!(
+        backup.received().is_empty(),
+        "a GET was forked to the backup"
+    );
+
+    // The active target goes away: a POST finds it down (and spools its copy).
+    primary.stop().await;
+    assert_eq!(d.post("/write", "x").await.status, 200);
+    d.wait_state("primary", "down").await;
+    let r = d.get("/api/v1/query?query=up").await;
+    assert_eq!(r.status, 502);
+    let status = d.target_status("primary").await;
+    assert_eq!(
+        status["buffer_records"], 1,
+        "only the POST is spooled: {status}"
+    );
+    assert_eq!(d.target_result("primary", "spooled").await, 1.0);
+    assert!(backup.received().iter().all(|r| r.method == Method::POST));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_and_patch_get_405_with_an_allow_header_and_reach_no_target() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+
+    for method in [Method::DELETE, Method::PATCH] {
+        let r = d
+            .send(
+                Request::builder()
+                    .method(method.clone())
+                    .uri("/thing")
+                    .body(Full::new(Bytes::from("x")))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.status, 405, "{method}");
+        let allow = r.header("allow").expect("Allow header");
+        let allowed: Vec<&str> = allow.split(',').map(str::trim).collect();
+        for m in ["POST", "PUT", "GET", "HEAD"] {
+            assert!(allowed.contains(&m), "Allow: {allow} lacks {m}");
+        }
+        assert!(!allowed.contains(&method.as_str()), "Allow: {allow}");
+    }
+    assert!(primary.received().is_empty());
+    assert!(backup.received().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_left_out_of_server_methods_gets_405() {
+    let primary = sink().await;
+    let d = Daemon::start(
+        &Conf::new()
+            .target("primary", &primary.url())
+            .server("methods = [\"POST\"]"),
+    )
+    .await;
+
+    let r = d
+        .send(
+            Request::put("/p")
+                .body(Full::new(Bytes::from("x")))
+                .unwrap(),
+        )
+        .await;
+
+    assert_eq!(r.status, 405);
+    let allow = r.header("allow").unwrap();
+    assert!(!allow.contains("PUT"), "Allow: {allow}");
+    assert!(allow.contains("POST"), "Allow: {allow}");
+    assert!(primary.received().is_empty());
+    assert_eq!(d.post("/p", "x").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_request_gets_415_and_reaches_no_target() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+
+    let r = d
+        .send(
+            Request::post("/opentelemetry.proto.collector.logs.v1.LogsService/Export")
+                .header("content-type", "application/grpc+proto")
+                .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+                .unwrap(),
+        )
+        .await;
+
+    assert_eq!(r.status, 415);
+    assert!(primary.received().is_empty());
+    assert!(backup.received().is_empty());
+}
+
+// --------------------------------------------------------------------- body
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_max_body_size_by_content_length_gets_413_and_nothing_is_forwarded() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup).server("max_body_size = \"1KiB\"")).await;
+
+    let r = d.post("/big", body_of("big", 1025)).await;
+    assert_eq!(r.status, 413);
+    assert!(primary.received().is_empty());
+    assert!(backup.received().is_empty());
+
+    // Exactly the limit is accepted.
+    let r = d.post("/fits", body_of("fits", 1024)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(primary.received().len(), 1);
+    assert_eq!(primary.received()[0].body.len(), 1024);
+    assert_eq!(
+        d.metric("forkd_requests_total", &[("status", "413")]).await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_over_the_limit_gets_413_and_nothing_is_forwarded() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup).server("max_body_size = \"1KiB\"")).await;
+
+    let mut s = connect(d.running().addr).await;
+    let chunk = "a".repeat(800);
+    // Two 800-byte chunks and no terminating chunk: forkd must answer once
+    // the second one takes the body over 1 KiB.
+    let req = format!(
+        "POST /chunked HTTP/1.1\r\nHost: forkd\r\nTransfer-Encoding: chunked\r\n\r\n\
+         320\r\n{chunk}\r\n320\r\n{chunk}\r\n"
+    );
+    write_all(&mut s, req.as_bytes()).await;
+    let mut buf = Vec::new();
+    let head = read_head(&mut s, &mut buf).await;
+
+    assert_eq!(head_status(&head), 413, "{head}");
+    assert!(primary.received().is_empty());
+    assert!(backup.received().is_empty());
+    for t in ["primary", "backup"] {
+        assert_eq!(d.target_status(t).await["buffer_records"], 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_mid_body_causes_nothing_to_be_sent_or_spooled() {
+    let primary = sink().await;
+    let mut backup = sink().await;
+    backup.stop().await; // a copy for a down target would be spooled
+    let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+    let connections = async || d.metric("forkd_client_connections", &[]).await;
+
+    let mut s = connect(d.running().addr).await;
+    write_all(
+        &mut s,
+        b"POST /cut HTTP/1.1\r\nHost: forkd\r\nContent-Length: 1000\r\n\r\n0123456789",
+    )
+    .await;
+    wait_for("forkd to hold the connection", async || {
+        connections().await == 1.0
+    })
+    .await;
+    drop(s);
+    wait_for("forkd to close the connection", async || {
+        connections().await == 0.0
+    })
+    .await;
+
+    assert!(
+        primary.received().is_empty(),
+        "a partial body was forwarded"
+    );
+    for t in ["primary", "backup"] {
+        let st = d.target_status(t).await;
+        assert_eq!(st["buffer_records"], 0, "{t}: {st}");
+        assert_eq!(d.target_result(t, "spooled").await, 0.0);
+        assert_eq!(d.target_result(t, "delivered").await, 0.0);
+    }
+    assert_eq!(d.metric("forkd_request_bytes_total", &[]).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_is_answered_by_forkd_before_the_body_is_sent() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+
+    let mut s = connect(d.running().addr).await;
+    write_all(
+        &mut s,
+        b"POST /upload HTTP/1.1\r\nHost: forkd\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await;
+    let mut buf = Vec::new();
+    let interim = read_head(&mut s, &mut buf).await;
+    assert!(
+        interim.starts_with("HTTP/1.1 100 Continue"),
+        "expected 100 Continue first, got {interim:?}"
+    );
+    write_all(&mut s, b"hello world").await;
+    let fin = read_head(&mut s, &mut buf).await;
+
+    assert_eq!(head_status(&fin), 200, "{fin}");
+    for sink in [&primary, &backup] {
+        let got = sink.received();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].body, "hello world");
+        assert!(got[0].headers.get("expect").is_none(), "Expect forwarded");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_with_a_body_over_the_limit_gets_413_without_continue() {
+    let primary = sink().await;
+    let d = Daemon::start(
+        &Conf::new()
+            .target("primary", &primary.url())
+            .server("max_body_size = \"1KiB\""),
+    )
+    .await;
+
+    let mut s = connect(d.running().addr).await;
+    write_all(
+        &mut s,
+        b"POST /upload HTTP/1.1\r\nHost: forkd\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await;
+    let mut buf = Vec::new();
+    let head = read_head(&mut s, &mut buf).await;
+
+    assert_eq!(
+        head_status(&head),
+        413,
+        "the client was invited to send: {head}"
+    );
+    assert!(primary.received().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_too_slow_to_send_its_body_gets_an_error_and_nothing_is_forwarded() {
+    let primary = sink().await;
+    let d = Daemon::start(
+        &Conf::new()
+            .target("primary", &primary.url())
+            .server("request_timeout = \"300ms\""),
+    )
+    .await;
+
+    let mut s = connect(d.running().addr).await;
+    write_all(
+        &mut s,
+        b"POST /slow HTTP/1.1\r\nHost: forkd\r\nContent-Length: 100\r\n\r\n0123456789",
+    )
+    .await;
+    let mut buf = Vec::new();
+    let head = read_head(&mut s, &mut buf).await;
+
+    assert_eq!(head_status(&head), 408, "{head}");
+    assert!(primary.received().is_empty());
+    assert_eq!(d.target_status("primary").await["buffer_records"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_with_trailers_is_forwarded_whole_without_the_trailers() {
+    let primary = sink().await;
+    let d = Daemon::start(&Conf::new().target("primary", &primary.url())).await;
+
+    let mut s = connect(d.running().addr).await;
+    write_all(
+        &mut s,
+        b"POST /chunks HTTP/1.1\r\nHost: forkd\r\nTransfer-Encoding: chunked\r\n\
+          Trailer: X-Checksum\r\n\r\n\
+          5\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc\r\n\r\n",
+    )
+    .await;
+    let mut buf = Vec::new();
+    let head = read_head(&mut s, &mut buf).await;
+
+    assert_eq!(head_status(&head), 200, "{head}");
+    let got = primary.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body, "hello world");
+    for name in ["x-checksum", "trailer", "transfer-encoding"] {
+        assert!(
+            got[0].headers.get(name).is_none(),
+            "{name}: {:?}",
+            got[0].headers
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_cannot_get_in_flight_budget_within_request_timeout_gets_503_with_retry_after()
+{
+    // The first request hangs at the target until its 3 s timeout.
+    let primary = sink_scripted([Behavior::Hang]).await;
+    let d = Daemon::start(
+        &Conf::new()
+            .target("primary", &primary.url())
+            .target_line("primary", "timeout = \"3s\"")
+            .server("max_body_size = \"64KiB\"")
+            .server("max_inflight_bytes = \"64KiB\"")
+            .server("request_timeout = \"300ms\""),
+    )
+    .await;
+
+    // The first request holds the whole budget while its target hangs.
+    let first = {
+        let client = d.client.clone();
+        let req = Request::post(d.url("/first"))
+            .body(Full::new(body_of("first", 64 << 10)))
+            .unwrap();
+        tokio::spawn(async move { client.request(req).await })
+    };
+    wait_for("the first request to reach the target", async || {
+        primary.received().len() == 1
+    })
+    .await;
+
+    let r = d.post("/second", "small").await;
+
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.header("retry-after").is_some(), "503 without Retry-After");
+    assert_eq!(
+        primary.received().len(),
+        1,
+        "the second request was forwarded"
+    );
+    assert!(
+        !first.is_finished(),
+        "the first request should still be in flight"
+    );
+
+    // Once the first request is answered its budget is given back.
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), 202, "the timed-out copy is spooled");
+    wait_for("the budget to be released", async || {
+        d.metric("forkd_inflight_bytes", &[]).await == 0.0
+    })
+    .await;
+    let r = d.post("/third", body_of("third", 64 << 10)).await;
+    assert!(r.status.is_success(), "{}: {}", r.status, r.text());
+}
+
+// ---------------------------------------------------------------- admission
+
+/// primary up; backup down with a 1 MiB spool under `when_full`; bodies of 600 KiB.
+async fn full_backup(when_full: &str) -> (forkd::sink::Sink, forkd::sink::Sink, Daemon) {
+    let primary = sink().await;
+    let backup = stopped_sink().await;
+    let d = Daemon::start(
+        &Conf::pair(&primary, &backup)
+            .server("max_body_size = \"1MiB\"")
+            .server("max_inflight_bytes = \"4MiB\"")
+            .buffer("max_size = \"1MiB\"")
+            .buffer("fsync = \"never\"")
+            .target_buffer("backup", &format!("when_full = \"{when_full}\"")),
+    )
+    .await;
+    (primary, backup, d)
+}
+
+const SIX_HUNDRED_KIB: usize = 600 << 10;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_under_reject_gets_503_and_nothing_is_sent_to_any_target() {
+    let (primary, _backup, d) = full_backup("reject").await;
+
+    let r = d.post("/one", body_of("one", SIX_HUNDRED_KIB)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(d.target_status("backup").await["buffer_records"], 1);
+
+    let r = d.post("/two", body_of("two", SIX_HUNDRED_KIB)).await;
+
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.header("retry-after").is_some(), "503 without Retry-After");
+    assert_eq!(
+        primary.received().len(),
+        1,
+        "a refused request was still sent to the primary"
+    );
+    assert_eq!(d.target_status("backup").await["buffer_records"], 1);
+    assert_eq!(d.target_result("backup", "spooled").await, 1.0);
+    assert_eq!(
+        d.metric("forkd_requests_total", &[("status", "503")]).await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_under_drop_newest_answers_and_counts_the_copy_as_dropped() {
+    let (primary, _backup, d) = full_backup("drop_newest").await;
+
+    assert_eq!(
+        d.post("/one", body_of("one", SIX_HUNDRED_KIB)).await.status,
+        200
+    );
+    let r = d.post("/two", body_of("two", SIX_HUNDRED_KIB)).await;
+
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(primary.received().len(), 2);
+    assert_eq!(d.target_result("backup", "dropped").await, 1.0);
+    assert_eq!(d.target_result("backup", "spooled").await, 1.0);
+    assert_eq!(d.target_status("backup").await["buffer_records"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_under_drop_oldest_evicts_and_counts_the_evictions() {
+    let (primary, mut backup, d) = full_backup("drop_oldest").await;
+
+    for tag in ["r0", "r1", "r2"] {
+        let r = d.post("/x", body_of(tag, SIX_HUNDRED_KIB)).await;
+        assert_eq!(r.status, 200, "{tag}: {}", r.text());
+    }
+    assert_eq!(primary.received().len(), 3);
+    assert_eq!(
+        d.metric(
+            "forkd_buffer_dropped_records_total",
+            &[("target", "backup"), ("reason", "full")]
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(d.target_result("backup", "dropped").await, 0.0);
+    assert_eq!(d.target_status("backup").await["buffer_records"], 1);
+
+    backup.restart().await.unwrap();
+    d.wait_drained("backup").await;
+    let bodies = delivered_bodies(&backup);
+    assert_eq!(bodies.len(), 1, "evicted records were delivered");
+    assert!(bodies[0].starts_with("r2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admitted_request_never_gets_503_for_lack_of_spool_space() {
+    // The active target is up at admission, so both copies go live; its slow
+    // 503 sends both to a spool that can hold only one of them.
+    let primary = sink_with(Behavior::Delay(std::time::Duration::from_millis(1500), 503)).await;
+    let d = Daemon::start(
+        &Conf::new()
+            .target("primary", &primary.url())
+            .server("max_body_size = \"1MiB\"")
+            .server("max_inflight_bytes = \"4MiB\"")
+            .buffer("max_size = \"1MiB\"")
+            .buffer("when_full = \"reject\""),
+    )
+    .await;
+
+    let send = |tag: &'static str| {
+        let client = d.client.clone();
+        let req = Request::post(d.url("/x"))
+            .body(Full::new(body_of(tag, SIX_HUNDRED_KIB)))
+            .unwrap();
+        tokio::spawn(async move { client.request(req).await.unwrap().status() })
+    };
+    let (a, b) = (send("a"), send("b"));
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+
+    assert_eq!(
+        (a.as_u16(), b.as_u16()),
+        (202, 202),
+        "an admitted request got {a} / {b}"
+    );
+    assert_eq!(d.target_status("primary").await["buffer_records"], 2);
+    assert_eq!(d.target_result("primary", "spooled").await, 2.0);
+}
+
+// ------------------------------------------------------------ headers and URL
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_and_those_named_in_connection_are_not_forwarded() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+
+    let mut s = connect(d.running().addr).await;
+    write_all(
+        &mut s,
+        b"POST /hop HTTP/1.1\r\n\
+          Host: forkd.example\r\n\
+          Connection: keep-alive, X-Hop-Secret\r\n\
+          Keep-Alive: timeout=5\r\n\
+          TE: trailers\r\n\
+          Proxy-Authorization: Basic cHJveHk6cHc=\r\n\
+          Proxy-Connection: keep-alive\r\n\
+          X-Hop-Secret: do-not-forward\r\n\
+          X-End-To-End: keep-me\r\n\
+          Content-Type: text/plain\r\n\
+          Content-Length: 2\r\n\r\nhi",
+    )
+    .await;
+    let mut buf = Vec::new();
+    let head = read_head(&mut s, &mut buf).await;
+    assert_eq!(head_status(&head), 200, "{head}");
+
+    for sink in [&primary, &backup] {
+        let got = sink.received();
+        assert_eq!(got.len(), 1);
+        let h = &got[0].headers;
+        for name in [
+            "keep-alive",
+            "te",
+            "proxy-authorization",
+            "proxy-connection",
+            "x-hop-secret",
+            "upgrade",
+            "trailer",
+        ] {
+            assert!(h.get(name).is_none(), "{name} was forwarded: {h:?}");
+        }
+        if let Some(c) = h.get("connection") {
+            assert!(
+                !c.to_str().unwrap().to_ascii_lowercase().contains("x-hop"),
+                "the client's Connection was forwarded: {c:?}"
+            );
+        }
+        assert_eq!(h["x-end-to-end"], "keep-me");
+        assert_eq!(h["content-type"], "text/plain");
+        assert_eq!(got[0].body, "hi");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_header_is_not_forwarded() {
+    let primary = sink().await;
+    let d = Daemon::start(&Conf::new().target("primary", &primary.url())).await;
+
+    let mut s = connect(d.running().addr).await;
+    write_all(
+        &mut s,
+        b"POST /up HTTP/1.1\r\nHost: forkd\r\nUpgrade: h2c-or-anything\r\n\
+          Content-Length: 2\r\n\r\nup",
+    )
+    .await;
+    let mut buf = Vec::new();
+    let head = read_head(&mut s, &mut buf).await;
+    assert_eq!(head_status(&head), 200, "{head}");
+
+    let got = primary.received();
+    assert_eq!(got.len(), 1);
+    assert!(
+        got[0].headers.get("upgrade").is_none(),
+        "{:?}",
+        got[0].headers
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_is_the_targets_and_x_forwarded_for_is_appended() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+
+    let r = d
+        .send(
+            Request::post("/xff")
+                .header("host", "ingest.client.example")
+                .header("x-forwarded-for", "10.1.2.3")
+                .body(Full::new(Bytes::from("x")))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let plain = d.post("/plain", "y").await;
+    assert_eq!(plain.status, 200);
+    let two_hops = d
+        .send(
+            Request::post("/two-hops")
+                .header("x-forwarded-for", "10.1.2.3, 10.4.5.6")
+                .header("x-forwarded-for", "10.7.8.9")
+                .body(Full::new(Bytes::from("z")))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(two_hops.status, 200);
+
+    for sink in [&primary, &backup] {
+        let got = sink.received();
+        assert_eq!(got[0].headers["host"], sink.addr().to_string());
+        assert_eq!(got[0].headers["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
+        assert_eq!(got[1].headers["host"], sink.addr().to_string());
+        assert_eq!(got[1].headers["x-forwarded-for"], "127.0.0.1");
+        let xff: Vec<&str> = got[2]
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(xff.join(", "), "10.1.2.3, 10.4.5.6, 10.7.8.9, 127.0.0.1");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_authorization_reaches_no_target_live_spooled_or_replayed() {
+    let primary = sink().await;
+    let mut backup = stopped_sink().await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+
+    let r = d
+        .send(
+            Request::post("/auth")
+                .header("authorization", "Bearer client-secret-7f3a")
+                .body(Full::new(Bytes::from("payload")))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(primary.received()[0].headers.get("authorization").is_none());
+    assert_eq!(d.target_status("backup").await["buffer_records"], 1);
+    let on_disk = all_file_bytes(&d.buffer_dir());
+    assert!(
+        contains_bytes(&on_disk, b"payload"),
+        "the record is not on disk"
+    );
+    assert!(
+        !contains_bytes(&on_disk, b"client-secret-7f3a"),
+        "the client's Authorization was spooled"
+    );
+
+    backup.restart().await.unwrap();
+    wait_for("the replay", async || backup.delivered_count() == 1).await;
+    let replayed = &backup.delivered()[0];
+    assert_eq!(replayed.body, "payload");
+    assert!(replayed.headers.get("authorization").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_x_request_id_is_kept_at_every_target_and_in_the_answer() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+
+    let r = d
+        .send(
+            Request::post("/id")
+                .header("x-request-id", "client-id-42")
+                .body(Full::new(Bytes::from("x")))
+                .unwrap(),
+        )
+        .await;
+
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-request-id").as_deref(), Some("client-id-42"));
+    for sink in [&primary, &backup] {
+        assert_eq!(sink.received()[0].headers["x-request-id"], "client-id-42");
+    }
+
+    // An id that is not a sane token is replaced by a generated one.
+    let r = d
+        .send(
+            Request::post("/id")
+                .header("x-request-id", "x".repeat(200))
+                .body(Full::new(Bytes::from("y")))
+                .unwrap(),
+        )
+        .await;
+    let id = r.header("x-request-id").unwrap();
+    assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 7);
+    for sink in [&primary, &backup] {
+        assert_eq!(sink.received()[1].headers["x-request-id"], id.as_str());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_request_id_is_a_uuidv7_the_same_at_both_targets_and_across_retries() {
+    // The primary answers 503 once (retried); the backup is down (replayed).
+    let primary = sink_scripted([Behavior::Status(503)]).await;
+    let mut backup = stopped_sink().await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+
+    let r = d.post("/gen", "needs an id").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let answered = r
+        .header("x-request-id")
+        .expect("X-Request-Id in the answer");
+    let id = uuid::Uuid::parse_str(&answered).expect("a UUID");
+    assert_eq!(id.get_version_num(), 7, "{answered} is not a UUIDv7");
+
+    wait_for("the primary's retry", async || {
+        primary.delivered_count() == 1
+    })
+    .await;
+    backup.restart().await.unwrap();
+    wait_for("the backup's replay", async || {
+        backup.delivered_count() == 1
+    })
+    .await;
+
+    let attempts = primary.received();
+    assert_eq!(attempts.len(), 2, "one 503 and one retry");
+    for a in attempts.iter().chain(backup.delivered().iter()) {
+        assert_eq!(a.headers["x-request-id"], answered.as_str());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_url_path_prefixes_the_request_path_and_its_query_replaces_the_clients() {
+    let primary = sink().await;
+    let d = Daemon::start(&Conf::new().target(
+        "primary",
+        &format!("{}/ingest/?sig=target-sig&sv=2024", primary.url()),
+    ))
+    .await;
+
+    let r = d.post("/v1/logs?sig=client-sig&tenant=a", "x").await;
+
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        primary.received()[0].path_and_query,
+        "/ingest/v1/logs?tenant=a&sig=target-sig&sv=2024"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_headers_apply_at_every_send_and_a_reloaded_value_reaches_spooled_records() {
+    let primary = sink().await;
+    // The backup refuses for now and asks for a long pause.
+    let backup = sink_with(Behavior::RetryAfter(503, 30)).await;
+    let conf = |backup_token: &str| {
+        Conf::new()
+            .target("primary", &primary.url())
+            .target("backup", &format!("{}/in?sig={backup_token}", backup.url()))
+            .retry("max_backoff = \"60s\"")
+            .target_line(
+                "primary",
+                "headers = { Authorization = \"Bearer primary-token\", X-Tenant = \"p\" }",
+            )
+            .target_line(
+                "backup",
+                &format!("headers = {{ Authorization = \"Bearer {backup_token}\" }}"),
+            )
+    };
+    let d = Daemon::start(&conf("backup-old")).await;
+
+    let r = d
+        .send(
+            Request::post("/h")
+                .header("authorization", "Bearer from-the-client")
+                .header("x-tenant", "client-value")
+                .body(Full::new(Bytes::from("x")))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let live = &primary.received()[0];
+    assert_eq!(live.headers["authorization"], "Bearer primary-token");
+    assert_eq!(live.headers["x-tenant"], "p");
+    assert_eq!(
+        backup.received()[0].headers["authorization"],
+        "Bearer backup-old"
+    );
+    assert_eq!(backup.received()[0].path_and_query, "/in/h?sig=backup-old");
+
+    // The worker's first replay is refused with Retry-After: 30: it now waits.
+    wait_for("the first replay", async || {
+        d.metric(
+            "forkd_target_attempt_failures_total",
+            &[("target", "backup"), ("reason", "status")],
+        )
+        .await
+            == 2.0
+    })
+    .await;
+    let on_disk = all_file_bytes(&d.buffer_dir().join("backup"));
+    assert!(
+        !contains_bytes(&on_disk, b"backup-old"),
+        "a target header was spooled"
+    );
+
+    // The token is rotated and the backup recovers.
+    backup.set_default(Behavior::Status(200));
+    d.reload(&conf("backup-new")).await.unwrap();
+    wait_for("the replay", async || backup.delivered_count() == 1).await;
+
+    let replay = &backup.delivered()[0];
+    assert_eq!(
+        replay.headers["authorization"], "Bearer backup-new",
+        "a spooled record was replayed with the old target header"
+    );
+    assert_eq!(replay.headers.get_all("authorization").iter().count(), 1);
+    assert_eq!(
+        replay.path_and_query, "/in/h?sig=backup-new",
+        "a spooled record was replayed with the old URL query"
+    );
+}
+
+// ------------------------------------------------------- outcomes and answer
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_active_targets_answer_is_relayed_when_it_delivered() {
+    let primary = sink_with(Behavior::Status(201)).await;
+    let backup = sink_with(Behavior::Status(204)).await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+
+    let r = d.post("/x", "x").await;
+
+    assert_eq!(r.status, 201);
+    assert_eq!(r.text(), "ok\n");
+    assert_eq!(d.target_result("primary", "delivered").await, 1.0);
+    assert_eq!(d.target_result("backup", "delivered").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answer_relays_the_targets_status_and_headers() {
+    let primary = sink_scripted([Behavior::RetryAfter(409, 7)]).await;
+    let d = Daemon::start(&Conf::new().target("primary", &primary.url())).await;
+
+    let r = d.post("/conflict", "x").await;
+
+    assert_eq!(r.status, 409);
+    assert_eq!(r.header("retry-after").as_deref(), Some("7"));
+    assert_eq!(r.text(), "ok\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_active_targets_copy_is_dropped_the_client_gets_503() {
+    let primary = stopped_sink().await;
+    let backup = sink().await;
+    let d = Daemon::start(
+        &Conf::pair(&primary, &backup)
+            .server("max_body_size = \"1MiB\"")
+            .server("max_inflight_bytes = \"4MiB\"")
+            .buffer("max_size = \"1MiB\"")
+            .target_buffer("primary", "when_full = \"drop_newest\""),
+    )
+    .await;
+
+    let r = d.post("/one", body_of("one", SIX_HUNDRED_KIB)).await;
+    assert_eq!(r.status, 200, "the backup answers: {}", r.text());
+    let r = d.post("/two", body_of("two", SIX_HUNDRED_KIB)).await;
+
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(d.target_result("primary", "dropped").await, 1.0);
+    assert_eq!(d.target_status("primary").await["buffer_records"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_retry_status_is_relayed_not_retried_and_kept_in_rejected() {
+    let primary = sink_scripted([Behavior::Status(400)]).await;
+    let backup = sink().await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+
+    let r = d.post("/bad", "malformed").await;
+
+    assert_eq!(r.status, 400);
+    assert_eq!(d.target_result("primary", "rejected").await, 1.0);
+    assert_eq!(d.target_result("primary", "spooled").await, 0.0);
+    assert_eq!(d.target_result("backup", "delivered").await, 1.0);
+    let report = forkd::spool::inspect::inspect(&d.buffer_dir(), false).unwrap();
+    let primary_report = report
+        .targets
+        .iter()
+        .find(|t| t.name == "primary")
+        .expect("primary in spool inspect");
+    assert_eq!(primary_report.rejected_records, 1);
+    assert_eq!(primary_report.records, 0);
+
+    // Not retried: a later request is the primary's second and last arrival.
+    assert_eq!(d.post("/good", "fine").await.status, 200);
+    let got = primary.received();
+    assert_eq!(got.len(), 2, "the rejected request was retried");
+    assert_eq!(got[1].body, "fine");
+    assert_eq!(d.state("primary").await, "up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_copy_is_spooled_the_client_gets_spooled_status() {
+    let primary = stopped_sink().await;
+    let backup = stopped_sink().await;
+    let mut d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+    let r = d.post("/x", "x").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    d.shutdown().await;
+
+    let d = Daemon::start(&Conf::pair(&primary, &backup).routing("spooled_status = 200")).await;
+    let r = d.post("/x", "x").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(d.target_result("primary", "spooled").await, 1.0);
+    assert_eq!(d.target_result("backup", "spooled").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_active_copy_is_spooled_a_delivered_backup_answers() {
+    let primary = stopped_sink().await;
+    let backup = sink_with(Behavior::Status(201)).await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+
+    let r = d.post("/x", "x").await;
+
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(d.target_result("primary", "spooled").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_status_is_spooled_and_retried_until_delivered() {
+    let primary = sink_scripted([Behavior::Status(503), Behavior::Status(500)]).await;
+    let d = Daemon::start(&Conf::new().target("primary", &primary.url())).await;
+
+    let r = d.post("/x", "eventually").await;
+    assert_eq!(r.status, 202);
+
+    wait_for("delivery", async || primary.delivered_count() == 1).await;
+    let statuses: Vec<Option<u16>> = primary.received().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [Some(503), Some(500), Some(200)]);
+    assert!(primary.received().iter().all(|r| r.body == "eventually"));
+    d.wait_drained("primary").await;
+    assert_eq!(d.target_result("primary", "spooled").await, 1.0);
+    assert_eq!(d.target_result("primary", "delivered").await, 1.0);
+    assert_eq!(d.target_result("primary", "rejected").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_body_over_1_mib_gives_502() {
+    let primary = sink_scripted([
+        Behavior::Body(200, (1 << 20) + 1),
+        Behavior::Body(200, 1 << 20),
+    ])
+    .await;
+    let d = Daemon::start(&Conf::new().target("primary", &primary.url())).await;
+
+    let r = d.post("/big-answer", "x").await;
+    assert_eq!(r.status, 502, "{}", r.status);
+
+    let r = d.post("/max-answer", "x").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 1 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_slower_than_secondary_wait_is_spooled_and_delivered_later() {
+    let primary = sink().await;
+    // The live copy hangs; the replay is answered.
+    let backup = sink_scripted([Behavior::Hang]).await;
+    let d = Daemon::start(
+        &Conf::pair(&primary, &backup)
+            .routing("secondary_wait = \"100ms\"")
+            .target_line("backup", "timeout = \"60s\""),
+    )
+    .await;
+
+    let r = d.post("/x", "slow backup").await;
+
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(d.target_result("backup", "spooled").await, 1.0);
+    assert_eq!(d.target_result("primary", "delivered").await, 1.0);
+    wait_for("the backup's replay", async || {
+        backup.delivered_count() == 1
+    })
+    .await;
+    assert_eq!(backup.delivered()[0].body, "slow backup");
+    d.wait_drained("backup").await;
+    assert_eq!(d.target_result("backup", "delivered").await, 1.0);
+}
+
+// ------------------------------------------------------------- h2c and auth
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_prior_knowledge_client_is_answered_and_its_request_forked() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+
+    let stream = connect(d.running().addr).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(
+            Request::post(d.url("/v1/metrics"))
+                .body(Full::new(Bytes::from("over h2c")))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(resp.version(), Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "ok\n");
+    for sink in [&primary, &backup] {
+        let got = sink.received();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].body, "over h2c");
+        assert_eq!(got[0].path_and_query, "/v1/metrics");
+        assert_eq!(got[0].headers["host"], sink.addr().to_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_tokens_require_a_valid_bearer_token_which_is_not_forwarded() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup).server("auth_tokens = [\"t1\", \"t2\"]"))
+        .await;
+    let post = async |auth: Option<&str>| {
+        let mut b = Request::post("/secure");
+        if let Some(a) = auth {
+            b = b.header("authorization", a);
+        }
+        d.send(b.body(Full::new(Bytes::from("x"))).unwrap()).await
+    };
+
+    for bad in [
+        None,
+        Some("Bearer nope"),
+        Some("Basic dDE="),
+        Some("Bearer t1x"),
+    ] {
+        let r = post(bad).await;
+        assert_eq!(r.status, 401, "{bad:?}");
+    }
+    assert!(primary.received().is_empty());
+    assert!(backup.received().is_empty());
+
+    assert_eq!(post(Some("Bearer t1")).await.status, 200);
+    assert_eq!(post(Some("Bearer t2")).await.status, 200);
+    for sink in [&primary, &backup] {
+        let got = sink.received();
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|r| r.headers.get("authorization").is_none()));
+    }
+    let get = d
+        .send(Request::get("/q").body(Full::default()).unwrap())
+        .await;
+    assert_eq!(get.status, 401, "a GET skipped the token check");
+}

@@ -1,0 +1,322 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! SPEC.md "Switching and reload" and "Shutdown".
+
+use bytes::Bytes;
+use forkd::sink::Behavior;
+use http::{Method, Request};
+use http_body_util::Full;
+
+use crate::common::*;
+
+fn bodies(s: &forkd::sink::Sink) -> Vec<String> {
+    delivered_bodies(s)
+}
+
+// ---------------------------------------------------------------- switching
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_switch_routes_new_requests_to_the_new_active_is_saved_and_survives_a_reload() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let conf = Conf::pair(&primary, &backup).active_passive("primary");
+    let d = Daemon::start(&conf).await;
+    let state_file = d.buffer_dir().join("routing.state");
+
+    assert_eq!(d.post("/a", "before").await.status, 200);
+    let r = d.switch("backup", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(state_file.exists(), "the switch is not saved");
+    assert_eq!(d.post("/a", "after").await.status, 200);
+    assert_eq!(bodies(&primary), ["before"]);
+    assert_eq!(bodies(&backup), ["after"]);
+
+    let st = d.status().await;
+    assert_eq!(st["active"], "backup");
+    assert_eq!(st["active_source"], "admin");
+    assert_eq!(st["targets"]["backup"]["selected"], true);
+    assert_eq!(st["targets"]["primary"]["selected"], false);
+    let m = d.metrics().await;
+    assert_eq!(
+        m.get("forkd_target_selected", &[("target", "backup")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.get("forkd_target_selected", &[("target", "primary")]),
+        Some(0.0)
+    );
+
+    // A reload of a config that still says "primary" keeps the switch.
+    d.reload(&conf).await.unwrap();
+    let st = d.status().await;
+    assert_eq!(
+        (st["active"].as_str(), st["active_source"].as_str()),
+        (Some("backup"), Some("admin"))
+    );
+    assert_eq!(d.post("/a", "after reload").await.status, 200);
+    assert_eq!(bodies(&backup), ["after", "after reload"]);
+
+    // DELETE: the config's active target rules again.
+    let r = d.admin(Method::DELETE, "/admin/active", "", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!state_file.exists(), "the saved switch is still on disk");
+    let st = d.status().await;
+    assert_eq!(st["active"], "primary");
+    assert_eq!(st["active_source"], "config");
+    assert_eq!(d.post("/a", "cleared").await.status, 200);
+    assert_eq!(bodies(&primary), ["before", "cleared"]);
+    assert_eq!(backup.received().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_to_an_unknown_target_gets_404_and_changes_nothing() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup).active_passive("primary")).await;
+
+    let r = d.switch("nowhere", None).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = d
+        .admin(
+            Method::POST,
+            "/admin/active",
+            "{\"tagret\":\"backup\"}",
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 400, "a malformed switch: {}", r.text());
+
+    let st = d.status().await;
+    assert_eq!(st["active"], "primary");
+    assert_eq!(st["active_source"], "config");
+    assert!(!d.buffer_dir().join("routing.state").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_admin_token_switching_needs_the_token() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let d = Daemon::start(
+        &Conf::pair(&primary, &backup)
+            .active_passive("primary")
+            .admin("token = \"adm-s3cret\""),
+    )
+    .await;
+
+    assert_eq!(d.switch("backup", None).await.status, 401);
+    assert_eq!(d.switch("backup", Some("wrong")).await.status, 401);
+    assert_eq!(d.status().await["active"], "primary");
+
+    assert_eq!(d.switch("backup", Some("adm-s3cret")).await.status, 200);
+    assert_eq!(d.status().await["active"], "backup");
+
+    let del = async |token: Option<&str>| {
+        d.admin(Method::DELETE, "/admin/active", "", token)
+            .await
+            .status
+    };
+    assert_eq!(del(None).await, 401);
+    assert_eq!(d.status().await["active"], "backup");
+    assert_eq!(del(Some("adm-s3cret")).await, 200);
+    assert_eq!(d.status().await["active"], "primary");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_the_admin_switch() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let mut d = Daemon::start(&Conf::pair(&primary, &backup).active_passive("primary")).await;
+    assert_eq!(d.switch("backup", None).await.status, 200);
+
+    d.restart().await;
+
+    let st = d.status().await;
+    assert_eq!(st["active"], "backup");
+    assert_eq!(st["active_source"], "admin");
+    assert_eq!(d.post("/r", "after restart").await.status, 200);
+    assert_eq!(bodies(&backup), ["after restart"]);
+    assert!(primary.received().is_empty());
+}
+
+// ------------------------------------------------------------------- reload
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_config_on_reload_is_refused_and_the_old_one_keeps_serving() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let conf = Conf::pair(&primary, &backup);
+    let d = Daemon::start(&conf).await;
+
+    // An unknown key.
+    std::fs::write(
+        &d.config_path,
+        conf.render(&d.buffer_dir()) + "\n[bogus]\nkey = 1\n",
+    )
+    .unwrap();
+    assert!(d.running().control.reload().await.is_err());
+    // Well-formed, but the active target does not exist.
+    let err = d
+        .reload(&conf.clone().routing("active = \"nowhere\""))
+        .await
+        .unwrap_err();
+    assert!(err.contains("routing.active"), "{err}");
+
+    let m = d.metrics().await;
+    assert_eq!(
+        m.get("forkd_config_reloads_total", &[("result", "failure")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        m.get("forkd_config_reloads_total", &[("result", "success")]),
+        Some(0.0)
+    );
+    assert_eq!(d.post("/still", "served").await.status, 200);
+    assert_eq!(bodies(&primary), ["served"]);
+    assert_eq!(bodies(&backup), ["served"]);
+    assert_eq!(d.status().await["active"], "primary");
+
+    d.reload(&conf).await.unwrap();
+    assert_eq!(
+        d.metric("forkd_config_reloads_total", &[("result", "success")])
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_added_by_reload_receives_forked_requests_and_has_metric_series() {
+    let primary = sink().await;
+    let extra = sink().await;
+    let conf = Conf::new().target("primary", &primary.url());
+    let d = Daemon::start(&conf).await;
+    assert!(!d.metrics().await.contains("target=\"extra\""));
+
+    d.reload(&conf.clone().target("extra", &extra.url()))
+        .await
+        .unwrap();
+    let m = d.metrics().await;
+    assert_eq!(
+        m.get(
+            "forkd_target_state",
+            &[("target", "extra"), ("state", "up")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.get(
+            "forkd_target_requests_total",
+            &[("target", "extra"), ("result", "dropped")]
+        ),
+        Some(0.0)
+    );
+
+    assert_eq!(d.post("/n", "to both").await.status, 200);
+    assert_eq!(bodies(&extra), ["to both"]);
+    assert_eq!(bodies(&primary), ["to both"]);
+    assert_eq!(d.target_result("extra", "delivered").await, 1.0);
+    assert_eq!(d.target_status("extra").await["state"], "up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_removed_by_reload_keeps_its_spool_on_disk_and_loses_its_metric_series() {
+    let primary = sink().await;
+    let mut backup = stopped_sink().await;
+    let conf = Conf::pair(&primary, &backup);
+    let d = Daemon::start(&conf).await;
+    for i in 0..2 {
+        assert_eq!(d.post("/x", format!("kept-{i}")).await.status, 200);
+    }
+    assert_eq!(d.target_status("backup").await["buffer_records"], 2);
+
+    d.reload(&conf.clone().remove_target("backup"))
+        .await
+        .unwrap();
+
+    let m = d.metrics().await;
+    assert!(
+        !m.contains("target=\"backup\""),
+        "series of a removed target are still exported:\n{}",
+        m.0
+    );
+    let st = d.status().await;
+    assert!(st["targets"].get("backup").is_none(), "{st}");
+    assert!(d.buffer_dir().join("backup").is_dir());
+    let report = forkd::spool::inspect::inspect(&d.buffer_dir(), false).unwrap();
+    let b = report
+        .targets
+        .iter()
+        .find(|t| t.name == "backup")
+        .expect("backup spool");
+    assert_eq!(b.records, 2);
+    assert_eq!(d.post("/x", "primary only").await.status, 200);
+    assert_eq!(primary.received().len(), 3);
+
+    // Added back, it reopens its spool (the lock was released) and drains it.
+    backup.restart().await.unwrap();
+    d.reload(&conf).await.unwrap();
+    wait_for("the re-added backup to drain", async || {
+        backup.delivered_count() == 2
+    })
+    .await;
+    assert_eq!(bodies(&backup), ["kept-0", "kept-1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_can_change_the_mode_and_the_active_target() {
+    let primary = sink().await;
+    let backup = sink().await;
+    let base = Conf::pair(&primary, &backup);
+    let d = Daemon::start(&base.clone().active_passive("primary")).await;
+
+    assert_eq!(d.post("/m", "ap").await.status, 200);
+    d.reload(&base.clone().routing("mode = \"active-active\""))
+        .await
+        .unwrap();
+    assert_eq!(d.status().await["mode"], "active-active");
+    assert_eq!(d.post("/m", "aa").await.status, 200);
+    d.reload(&base.clone().active_passive("backup"))
+        .await
+        .unwrap();
+    let st = d.status().await;
+    assert_eq!(
+        (st["mode"].as_str(), st["active"].as_str()),
+        (Some("active-passive"), Some("backup"))
+    );
+    assert_eq!(d.post("/m", "ap-backup").await.status, 200);
+
+    assert_eq!(bodies(&primary), ["ap", "aa"]);
+    assert_eq!(bodies(&backup), ["aa", "ap-backup"]);
+}
+
+// ----------------------------------------------------------------- shutdown
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_an_in_flight_request_finish_and_a_restart_reopens_the_spools() {
+    let primary = sink_with(Behavior::Delay(std::time::Duration::from_millis(700), 201)).await;
+    let mut backup = stopped_sink().await;
+    let mut d = Daemon::start(&Conf::pair(&primary, &backup)).await;
+
+    let in_flight = {
+        let client = d.client.clone();
+        let req = Request::post(d.url("/slow"))
+            .body(Full::new(Bytes::from("in flight")))
+            .unwrap();
+        tokio::spawn(async move { client.request(req).await })
+    };
+    wait_for("the request to reach the slow primary", async || {
+        primary.received().len() == 1
+    })
+    .await;
+    d.shutdown().await;
+
+    let resp = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request got no answer");
+    assert_eq!(resp.status(), 201);
+
+    d.boot().await;
+    assert_eq!(d.target_status("backup").await["buffer_records"], 1);
+    backup.restart().await.unwrap();
+    wait_for("the spooled copy", async || backup.delivered_count() == 1).await;
+    assert_eq!(bodies(&backup), ["in flight"]);
+}
