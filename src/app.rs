@@ -84,6 +84,8 @@ pub struct Control {
     change: tokio::sync::Mutex<()>,
     ready: AtomicBool,
     pub admin_token: Mutex<Option<String>>,
+    /// The ingest listener's TLS config, re-read on reload (certificate rotation).
+    tls: Option<server::TlsSource>,
 }
 
 impl std::fmt::Debug for Control {
@@ -108,13 +110,13 @@ async fn open_target(
             target: name,
             source,
         })?;
-    let rt = TargetRuntime::new(
+    TargetRuntime::new(
         target.clone(),
         config.raw.retry.clone(),
         spool,
         metrics.clone(),
-    );
-    Ok(rt)
+    )
+    .map_err(|e| AppError::Other(format!("target {}: {e}", target.name)))
 }
 
 impl Control {
@@ -205,6 +207,14 @@ impl Control {
             if changed {
                 tracing::warn!(key, "changed; takes effect when forkd restarts");
             }
+        }
+        match (&self.tls, &config.raw.server.tls) {
+            (Some(source), Some(t)) => source.set(crate::tls::server_config(t)?),
+            (None, None) => {}
+            _ => tracing::warn!(
+                key = "server.tls",
+                "turning TLS on or off takes effect when forkd restarts"
+            ),
         }
         let mut runtimes = self.runtimes();
         let mut opened = Vec::new();
@@ -470,6 +480,13 @@ pub async fn start_on(
     for w in &config.warnings {
         tracing::warn!(warning = %w, "config");
     }
+    let tls = match &config.raw.server.tls {
+        Some(t) => Some(server::TlsSource::new(
+            crate::tls::server_config(t)
+                .map_err(|e| AppError::Other(format!("server.tls: {e}")))?,
+        )),
+        None => None,
+    };
     let addr = listener
         .local_addr()
         .map_err(|e| AppError::Other(e.to_string()))?;
@@ -503,6 +520,7 @@ pub async fn start_on(
         change: tokio::sync::Mutex::new(()),
         ready: AtomicBool::new(false),
         admin_token: Mutex::new(config.raw.admin.token.clone()),
+        tls: tls.clone(),
     });
     let routing = control.routing_for(config.clone(), &runtimes);
     if routing.active_source == ActiveSource::Admin {
@@ -522,6 +540,7 @@ pub async fn start_on(
         tokio::spawn(server::serve(
             listener,
             limits.clone(),
+            tls.clone(),
             move |req, remote: SocketAddr| {
                 let fork = fork.clone();
                 async move { fork.handle(req, Some(remote.ip())).await }
@@ -539,6 +558,7 @@ pub async fn start_on(
         tokio::spawn(server::serve(
             admin_listener,
             admin_limits,
+            None,
             move |req, _| {
                 let control = control.clone();
                 async move { crate::admin::handle(&control, req).await }

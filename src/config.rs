@@ -317,6 +317,8 @@ pub struct Target {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub retry_statuses: Vec<u16>,
     pub ca_file: Option<PathBuf>,
+    /// Certificates of `ca_file`, trusted in addition to the system's roots.
+    pub ca_certs: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// Spool options; `spool.when_full` is resolved for the configured active target.
     pub spool: SpoolOptions,
     /// `when_full` as written (target override, else `[buffer]`); unset means
@@ -514,12 +516,13 @@ impl RawConfig {
             p.push("server.max_connections: must be above zero".into());
         }
         if let Some(tls) = &self.server.tls {
-            for (key, file) in [("server.tls.cert", &tls.cert), ("server.tls.key", &tls.key)] {
-                if let Err(e) = std::fs::metadata(file) {
-                    p.push(format!("{key}: {}: {e}", file.display()));
-                }
+            if let Err(e) = crate::tls::load_certs(&tls.cert) {
+                p.push(format!("server.tls.cert: {e}"));
+            } else if let Err(e) = crate::tls::load_key(&tls.key) {
+                p.push(format!("server.tls.key: {e}"));
+            } else if let Err(e) = crate::tls::server_config(tls) {
+                p.push(format!("server.tls: {e}"));
             }
-            p.push("server.tls: TLS termination is not in this build yet; terminate TLS in front of forkd".into());
         }
         for (i, t) in self.server.auth_tokens.iter().enumerate() {
             if t.is_empty() || HeaderValue::from_str(&format!("Bearer {t}")).is_err() {
@@ -648,18 +651,15 @@ impl RawConfig {
                 ));
             }
         }
+        let mut ca_certs = Vec::new();
         if let Some(ca) = &t.ca_file {
-            if let Err(e) = std::fs::metadata(ca) {
-                p.push(format!("{key}.ca_file: {}: {e}", ca.display()));
+            match crate::tls::load_certs(ca).and_then(|certs| {
+                crate::tls::client_config(&certs)?;
+                Ok(certs)
+            }) {
+                Ok(certs) => ca_certs = certs,
+                Err(e) => p.push(format!("{key}.ca_file: {e}")),
             }
-            p.push(format!(
-                "{key}.ca_file: https targets are not in this build yet"
-            ));
-        }
-        if base.scheme_str() == Some("https") {
-            p.push(format!(
-                "{key}.url: https targets are not in this build yet; use http"
-            ));
         }
         let b = &self.buffer;
         let o = &t.buffer;
@@ -700,6 +700,7 @@ impl RawConfig {
             headers,
             retry_statuses: t.retry_statuses.clone(),
             ca_file: t.ca_file.clone(),
+            ca_certs,
             spool: SpoolOptions {
                 max_size,
                 segment_size,

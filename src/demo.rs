@@ -106,7 +106,7 @@ max_backoff = "500ms"
     let sent = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let client = crate::upstream::client(&demo_target());
+    let client = crate::upstream::client(&demo_target())?;
     let url = format!("http://{}/ingest", running.addr);
     let mut clients = Vec::new();
     for c in 0..CLIENTS {
@@ -214,6 +214,7 @@ fn demo_target() -> crate::config::Target {
         headers: Vec::new(),
         retry_statuses: Vec::new(),
         ca_file: None,
+        ca_certs: Vec::new(),
         spool: Default::default(),
         when_full: None,
         drain_concurrency: 1,

@@ -432,7 +432,7 @@ impl Fork {
         };
         let headers = upstream::end_to_end_headers(parts.headers, client);
         let cfg = target.config();
-        let client_http = upstream::client(&cfg);
+        let client_http = target.client();
         match upstream::pass_through(
             &client_http,
             &cfg,

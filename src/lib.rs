@@ -43,4 +43,5 @@ pub mod server;
 pub mod sink;
 pub mod spool;
 pub mod target;
+pub mod tls;
 pub mod upstream;

@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -43,11 +43,31 @@ impl Default for Limits {
     }
 }
 
+/// The server TLS config in force, swapped on reload (certificate rotation).
+#[derive(Clone, Debug)]
+pub struct TlsSource(Arc<RwLock<Arc<rustls::ServerConfig>>>);
+
+impl TlsSource {
+    pub fn new(config: Arc<rustls::ServerConfig>) -> Self {
+        TlsSource(Arc::new(RwLock::new(config)))
+    }
+
+    /// Replaces the config; connections accepted from now on use it.
+    pub fn set(&self, config: Arc<rustls::ServerConfig>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
 /// Serves `listener` until `shutdown` completes, then stops accepting and
 /// lets open connections finish (up to `limits.shutdown_timeout`).
 pub async fn serve<H, F, RB>(
     listener: TcpListener,
     limits: Limits,
+    tls: Option<TlsSource>,
     handler: H,
     connections: Option<prometheus::IntGauge>,
     shutdown: impl Future<Output = ()>,
@@ -96,16 +116,31 @@ pub async fn serve<H, F, RB>(
             async move { Ok::<_, Infallible>(handler(req, remote).await) }
         });
         let builder = builder.clone();
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let watched = graceful.watch(conn);
+        let watcher = graceful.watcher();
         let gauge = connections.clone();
+        let tls = tls.as_ref().map(TlsSource::acceptor);
+        let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             if let Some(g) = &gauge {
                 g.inc();
             }
-            if let Err(e) = watched.await {
+            let result = match tls {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            let conn = builder.serve_connection(TokioIo::new(tls_stream), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Ok(Err(e)) => Err(format!("TLS handshake failed: {e}").into()),
+                        Err(_) => Err("TLS handshake timed out".into()),
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
             if let Some(g) = &gauge {

@@ -64,6 +64,7 @@ struct Inner {
 pub struct SinkBuilder {
     script: Vec<Behavior>,
     default: Option<Behavior>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl SinkBuilder {
@@ -83,6 +84,12 @@ impl SinkBuilder {
         self
     }
 
+    /// Serves HTTPS with this config (its URL then starts with `https://`).
+    pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
     /// Binds 127.0.0.1 on a free port and starts serving.
     pub async fn start(self) -> std::io::Result<Sink> {
         let socket = port_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?;
@@ -98,6 +105,7 @@ impl SinkBuilder {
             inner,
             running: None,
             reserved: None,
+            tls: self.tls.map(server::TlsSource::new),
         };
         sink.serve(listener);
         Ok(sink)
@@ -110,6 +118,7 @@ pub struct Sink {
     addr: SocketAddr,
     inner: Arc<Mutex<Inner>>,
     running: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    tls: Option<server::TlsSource>,
     /// While stopped: a bound, non-listening socket that keeps the port, so
     /// that no other socket of this host takes it during the outage
     /// (connections are refused) and [`Sink::restart`] cannot fail.
@@ -129,7 +138,8 @@ impl Sink {
 
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Every request received so far, in arrival order.
@@ -206,6 +216,7 @@ impl Sink {
         let task = tokio::spawn(server::serve(
             listener,
             limits,
+            self.tls.clone(),
             move |req, _| {
                 let inner = inner.clone();
                 async move { answer(inner, req).await }

@@ -85,7 +85,13 @@ impl std::fmt::Debug for TargetRuntime {
 impl TargetRuntime {
     /// Creates the runtime for an opened spool. The state starts `up` when the
     /// spool is empty and `draining` when it holds a backlog.
-    pub fn new(target: Target, retry: RetryConfig, spool: Spool, metrics: Metrics) -> Arc<Self> {
+    pub fn new(
+        target: Target,
+        retry: RetryConfig,
+        spool: Spool,
+        metrics: Metrics,
+    ) -> Result<Arc<Self>, String> {
+        let client = upstream::client(&target)?;
         let stats = spool.stats();
         let state = if stats.records == 0 {
             State::Up
@@ -96,7 +102,7 @@ impl TargetRuntime {
         let (stop, _) = watch::channel(false);
         let rt = Arc::new(TargetRuntime {
             name: target.name.clone(),
-            client: RwLock::new(upstream::client(&target)),
+            client: RwLock::new(client),
             config: RwLock::new(Arc::new(target)),
             retry: RwLock::new(retry),
             spool,
@@ -109,7 +115,7 @@ impl TargetRuntime {
         });
         rt.publish_state(state);
         rt.refresh_metrics();
-        rt
+        Ok(rt)
     }
 
     /// Starts the delivery worker.
@@ -148,8 +154,16 @@ impl TargetRuntime {
     /// send, live or replay. Spool settings other than the bound take effect at restart.
     pub fn reconfigure(&self, target: Target, retry: RetryConfig) {
         let old = self.config();
-        if old.base != target.base || old.connect_timeout != target.connect_timeout {
-            *self.client.write().unwrap_or_else(|p| p.into_inner()) = upstream::client(&target);
+        if old.base != target.base
+            || old.connect_timeout != target.connect_timeout
+            || old.ca_certs != target.ca_certs
+        {
+            match upstream::client(&target) {
+                Ok(client) => *self.client.write().unwrap_or_else(|p| p.into_inner()) = client,
+                Err(e) => {
+                    tracing::error!(target = %self.name, error = %e, "cannot rebuild the client; keeping the old one")
+                }
+            }
         }
         let restart_only =
             |o: &crate::spool::SpoolOptions| (o.fsync, o.segment_size, o.rejected_max_size);

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -28,21 +29,29 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Header appended with the client's address.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// The pooled HTTP client of one target.
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+/// The pooled HTTP(S) client of one target.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Builds a target's client: keep-alive pool, connect timeout, no Nagle.
-pub fn client(target: &Target) -> HttpClient {
+/// Builds a target's client: keep-alive pool, connect timeout, no Nagle, TLS
+/// for `https://` with the system's roots plus the target's `ca_file`.
+pub fn client(target: &Target) -> Result<HttpClient, String> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(target.connect_timeout));
     connector.set_nodelay(true);
     connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
+    connector.enforce_http(false);
+    let tls = crate::tls::client_config(&target.ca_certs)?;
+    let https = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Ok(Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(256)
-        .build(connector)
+        .build(https))
 }
 
 /// What a target answered, as relayed to a client.
@@ -285,7 +294,9 @@ async fn exchange(
     req: Request<Full<Bytes>>,
 ) -> Result<Answer, (FailureReason, String)> {
     let resp: Response<hyper::body::Incoming> = client.request(req).await.map_err(|e| {
-        let reason = if e.is_connect() {
+        let reason = if crate::tls::is_tls_error(&e) {
+            FailureReason::Tls
+        } else if e.is_connect() {
             FailureReason::Connect
         } else {
             FailureReason::Io
@@ -351,6 +362,7 @@ mod tests {
             headers: vec![],
             retry_statuses: vec![503],
             ca_file: None,
+            ca_certs: Vec::new(),
             spool: Default::default(),
             when_full: None,
             drain_concurrency: 1,
