@@ -372,6 +372,16 @@ impl Config {
         raw.validate()
     }
 
+    /// Parses and validates a config text (see [`RawConfig::from_text`]).
+    pub fn from_text(
+        text: &str,
+        format: ConfigFormat,
+        lookup: impl Fn(&str) -> Option<String>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        RawConfig::from_text(text, format, "config", lookup, vars)?.validate()
+    }
+
     pub fn target(&self, name: &str) -> Option<&Target> {
         self.targets.iter().find(|t| t.name == name)
     }
@@ -403,6 +413,34 @@ pub fn redact_url_query(url: &str) -> String {
     }
 }
 
+/// The syntax of a config text, picked from the file's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigFormat {
+    Toml,
+    Yaml,
+    Json,
+}
+
+impl ConfigFormat {
+    /// `.toml` (or no extension), `.yaml`/`.yml`, `.json`; `None` for anything else.
+    pub fn from_path(path: &Path) -> Option<Self> {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("toml") | None => Some(ConfigFormat::Toml),
+            Some("yaml" | "yml") => Some(ConfigFormat::Yaml),
+            Some("json") => Some(ConfigFormat::Json),
+            Some(_) => None,
+        }
+    }
+
+    fn file_format(self) -> config::FileFormat {
+        match self {
+            ConfigFormat::Toml => config::FileFormat::Toml,
+            ConfigFormat::Yaml => config::FileFormat::Yaml,
+            ConfigFormat::Json => config::FileFormat::Json,
+        }
+    }
+}
+
 impl RawConfig {
     /// Reads the file with environment overrides and `${VAR}` interpolation.
     pub fn load_with_env(
@@ -410,19 +448,31 @@ impl RawConfig {
         lookup: impl Fn(&str) -> Option<String>,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<RawConfig, ConfigError> {
-        let format = match path.extension().and_then(|e| e.to_str()) {
-            Some("toml") | None => config::FileFormat::Toml,
-            Some("yaml" | "yml") => config::FileFormat::Yaml,
-            Some("json") => config::FileFormat::Json,
-            Some(other) => {
-                return Err(ConfigError::one(format!(
-                    "{}: unknown config format {other:?} (use .toml, .yaml or .json)",
-                    path.display()
-                )));
-            }
+        let Some(format) = ConfigFormat::from_path(path) else {
+            let ext = path
+                .extension()
+                .map(|e| e.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            return Err(ConfigError::one(format!(
+                "{}: unknown config format {ext:?} (use .toml, .yaml or .json)",
+                path.display()
+            )));
         };
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::one(format!("{}: {e}", path.display())))?;
+        Self::from_text(&text, format, &path.display().to_string(), lookup, vars)
+    }
+
+    /// Parses a config text with environment overrides and `${VAR}`
+    /// interpolation, as [`RawConfig::load_with_env`] does for a file;
+    /// `origin` names the text in error messages.
+    pub fn from_text(
+        text: &str,
+        format: ConfigFormat,
+        origin: &str,
+        lookup: impl Fn(&str) -> Option<String>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<RawConfig, ConfigError> {
         let overrides: config::Map<String, String> = vars
             .into_iter()
             .filter_map(|(k, v)| {
@@ -438,13 +488,13 @@ impl RawConfig {
             .try_parsing(false)
             .source(Some(overrides));
         let built = config::Config::builder()
-            .add_source(config::File::from_str(&text, format))
+            .add_source(config::File::from_str(text, format.file_format()))
             .add_source(env)
             .build()
-            .map_err(|e| ConfigError::one(format!("{}: {e}", path.display())))?;
+            .map_err(|e| ConfigError::one(format!("{origin}: {e}")))?;
         let mut value: serde_json::Value = built
             .try_deserialize()
-            .map_err(|e| ConfigError::one(format!("{}: {e}", path.display())))?;
+            .map_err(|e| ConfigError::one(format!("{origin}: {e}")))?;
         let mut problems = Vec::new();
         interpolate(&mut value, &lookup, String::new(), &mut problems);
         if !problems.is_empty() {

@@ -124,6 +124,17 @@ use format::SEGMENT_HEADER_LEN;
 use fsutil::DirLock;
 use writer::{Active, Append, Cmd, Writer};
 
+/// The pure decoding functions of the on-disk format, for fuzzing and
+/// property tests: they take bytes and touch no file. Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::format::{
+        FRAME_HEADER_LEN, FrameHeader, SEGMENT_HEADER_LEN, SegmentHeader, decode_frame,
+        decode_payload, frame_header_bytes,
+    };
+    pub use super::scan::{FoundRecord, SegmentScan, Tail, parse_segment_name, scan_data};
+}
+
 /// Smallest segment the spool will make when it shrinks segments to fit a small `max_size`.
 pub const MIN_SEGMENT_SIZE: u64 = 64 << 10;
 /// Default segment size.
@@ -598,6 +609,7 @@ impl Spool {
             buf: Vec::new(),
             unsynced_since: None,
             cursor_dirty_since: None,
+            syncer: None,
         };
         let thread = std::thread::Builder::new()
             .name("forkd-spool".into())
@@ -1125,7 +1137,11 @@ fn recover(dir: &Path, opts: &SpoolOptions) -> Result<Recovered, SpoolError> {
                 .write(true)
                 .open(&path)
                 .map_err(|e| SpoolError::io("open", &path, e))?;
-            Active { base, file, len }
+            Active {
+                base,
+                file: Arc::new(file),
+                len,
+            }
         }
         _ => {
             let base = st.end;

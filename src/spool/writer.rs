@@ -2,16 +2,25 @@
 //! and segment deletion.
 //!
 //! One thread per spool owns the file it appends to. It takes every append
-//! waiting in its queue as one batch, writes the batch with one `pwrite` per
-//! segment touched, makes one `fdatasync` for it under `fsync = "always"`, and
-//! only then publishes the records to readers and completes the callers.
+//! waiting in its queue as one batch and writes the batch with one `pwrite`
+//! per segment touched.
+//!
+//! Under `fsync = "always"` a second thread, the syncer, makes the written
+//! batches durable: it takes every batch written since its last `fdatasync`,
+//! syncs once for all of them, and only then publishes their records to
+//! readers and completes their callers. Writing batch N+1 overlaps the sync of
+//! batch N, so the disk is never idle while the writer encodes, and a sync
+//! covers everything written during the previous one (pipelined group commit).
+//! Under the other policies the writer publishes and completes right after the
+//! write.
 
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use tokio::sync::oneshot;
@@ -44,7 +53,7 @@ pub(super) enum Cmd {
 /// The segment being appended to.
 pub(super) struct Active {
     pub base: u64,
-    pub file: File,
+    pub file: Arc<File>,
     /// Data bytes after the header.
     pub len: u64,
 }
@@ -55,10 +64,117 @@ pub(super) struct Writer {
     pub buf: Vec<u8>,
     pub unsynced_since: Option<Instant>,
     pub cursor_dirty_since: Option<Instant>,
+    /// The syncer thread (`fsync = "always"` only).
+    pub syncer: Option<Syncer>,
+}
+
+/// A written group waiting for its `fdatasync`.
+pub(super) struct SyncJob {
+    file: Arc<File>,
+    base: u64,
+    /// Segment data length after this group.
+    seg_len: u64,
+    group: Vec<(Append, u64)>,
+}
+
+/// The thread that syncs written groups and completes their callers.
+pub(super) struct Syncer {
+    tx: Option<mpsc::Sender<SyncJob>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Syncer {
+    /// Starts the syncer; `None` if the thread cannot be started (the writer then syncs inline).
+    pub fn start(core: Arc<Core>) -> Option<Syncer> {
+        let (tx, rx) = mpsc::channel::<SyncJob>();
+        let thread = std::thread::Builder::new()
+            .name("forkd-spool-sync".into())
+            .spawn(move || sync_loop(&core, &rx))
+            .ok()?;
+        Some(Syncer {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands a job over; gives it back if the syncer is gone.
+    fn submit(&self, job: SyncJob) -> Result<(), SyncJob> {
+        match &self.tx {
+            Some(tx) => tx.send(job).map_err(|e| e.0),
+            None => Err(job),
+        }
+    }
+
+    /// Lets the syncer finish every job handed over, then stops it.
+    fn finish(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("spool syncer thread panicked");
+        }
+    }
+}
+
+fn sync_loop(core: &Core, rx: &Receiver<SyncJob>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while let Ok(job) = rx.try_recv() {
+            jobs.push(job);
+        }
+        sync_and_complete(core, jobs);
+    }
+}
+
+/// One `fdatasync` per segment file touched by `jobs`, then publication and
+/// completion in log order; on failure every caller of `jobs` gets the error.
+fn sync_and_complete(core: &Core, jobs: Vec<SyncJob>) {
+    let mut synced: Vec<u64> = Vec::with_capacity(1);
+    let mut failure = None;
+    for job in &jobs {
+        if synced.contains(&job.base) {
+            continue;
+        }
+        synced.push(job.base);
+        if let Err(e) = job.file.sync_data() {
+            failure = Some(SpoolError::io("sync", &core.segment_path(job.base), e));
+            break;
+        }
+    }
+    match failure {
+        None => {
+            for job in jobs {
+                complete(core, job.base, job.seg_len, job.group);
+            }
+        }
+        Some(err) => {
+            core.set_write_error(Some(err.to_string()));
+            tracing::warn!(dir = %core.dir.display(), error = %err, "spool sync failed");
+            for job in jobs {
+                fail_all(core, job.group.into_iter().map(|(a, _)| a), &err);
+            }
+        }
+    }
+}
+
+/// Publishes a durable (as the policy says) group to readers and completes its callers.
+fn complete(core: &Core, base: u64, seg_len: u64, group: Vec<(Append, u64)>) {
+    let entries = group.iter().map(|(a, lsn)| Entry {
+        lsn: *lsn,
+        len: u32::try_from(a.len).unwrap_or(u32::MAX),
+        accepted_s: Entry::seconds(a.record.accepted_at),
+    });
+    core.publish(entries, base, seg_len, base + seg_len);
+    for (append, lsn) in group {
+        let _ = append.reply.send(Ok(lsn));
+    }
 }
 
 impl Writer {
     pub fn run(mut self, rx: Receiver<Cmd>) {
+        if self.core.opts.fsync == FsyncPolicy::Always {
+            self.syncer = Syncer::start(self.core.clone());
+        }
         loop {
             let cmd = match self.next_deadline() {
                 None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -150,19 +266,16 @@ impl Writer {
         }
     }
 
-    /// Writes the buffered group to the active segment, syncs it as the policy
-    /// says, publishes it and completes its callers. On failure the segment is
-    /// cut back to where the group started and every caller gets the error.
+    /// Writes the buffered group to the active segment; then hands it to the
+    /// syncer (`always`) or publishes it and completes its callers. On a write
+    /// failure the segment is cut back to where the group started and every
+    /// caller gets the error.
     fn commit_group(&mut self, group: &mut Vec<(Append, u64)>) -> Result<(), SpoolError> {
         if group.is_empty() {
             return Ok(());
         }
         let offset = SEGMENT_HEADER_LEN + self.active.len;
-        let mut result = self.active.file.write_all_at(&self.buf, offset);
-        if result.is_ok() && self.core.opts.fsync == FsyncPolicy::Always {
-            result = self.active.file.sync_data();
-        }
-        if let Err(e) = result {
+        if let Err(e) = self.active.file.write_all_at(&self.buf, offset) {
             // Cut back any partial write so the next batch starts on a frame boundary.
             let _ = self.active.file.set_len(offset);
             let err = SpoolError::io("append to", &self.segment_path(self.active.base), e);
@@ -171,22 +284,29 @@ impl Writer {
             self.buf.clear();
             return Err(err);
         }
-        if self.core.opts.fsync != FsyncPolicy::Always && self.unsynced_since.is_none() {
-            self.unsynced_since = Some(Instant::now());
-        }
         self.active.len += self.buf.len() as u64;
         self.buf.clear();
-        let entries = group.iter().map(|(a, lsn)| Entry {
-            lsn: *lsn,
-            len: u32::try_from(a.len).unwrap_or(u32::MAX),
-            accepted_s: Entry::seconds(a.record.accepted_at),
-        });
-        let end = self.active.base + self.active.len;
-        self.core
-            .publish(entries, self.active.base, self.active.len, end);
-        for (append, lsn) in group.drain(..) {
-            let _ = append.reply.send(Ok(lsn));
+        let group = std::mem::take(group);
+        if self.core.opts.fsync == FsyncPolicy::Always {
+            let job = SyncJob {
+                file: self.active.file.clone(),
+                base: self.active.base,
+                seg_len: self.active.len,
+                group,
+            };
+            let unsent = match &self.syncer {
+                Some(syncer) => syncer.submit(job),
+                None => Err(job),
+            };
+            if let Err(job) = unsent {
+                sync_and_complete(&self.core, vec![job]);
+            }
+            return Ok(());
         }
+        if self.unsynced_since.is_none() {
+            self.unsynced_since = Some(Instant::now());
+        }
+        complete(&self.core, self.active.base, self.active.len, group);
         Ok(())
     }
 
@@ -195,8 +315,9 @@ impl Writer {
     }
 
     /// Seals the active segment and starts a new one at the current end.
+    /// (Under `always` the syncer syncs the old segment with its last jobs.)
     fn roll(&mut self) -> Result<(), SpoolError> {
-        if self.core.opts.fsync != FsyncPolicy::Never {
+        if matches!(self.core.opts.fsync, FsyncPolicy::Interval(_)) {
             self.sync_active()?;
         }
         let base = self.active.base + self.active.len;
@@ -268,6 +389,9 @@ impl Writer {
     }
 
     fn shutdown(&mut self) {
+        if let Some(syncer) = &mut self.syncer {
+            syncer.finish();
+        }
         // Every policy syncs at a clean close.
         if let Err(e) = self.sync_active() {
             tracing::warn!(error = %e, "spool fsync at close failed");
@@ -310,7 +434,11 @@ pub(super) fn create_segment(
         Ok::<_, io::Error>(file)
     })();
     match result {
-        Ok(file) => Ok(Active { base, file, len: 0 }),
+        Ok(file) => Ok(Active {
+            base,
+            file: Arc::new(file),
+            len: 0,
+        }),
         Err(e) => {
             let _ = fs::remove_file(&path);
             Err(SpoolError::io("create segment", &path, e))
