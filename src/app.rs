@@ -165,6 +165,7 @@ impl Control {
                     .config_reloads
                     .with_label_values(&["success"])
                     .inc();
+                self.metrics.config_last_reload_successful.set(1);
                 tracing::info!("config reloaded");
             }
             Err(e) => {
@@ -172,6 +173,7 @@ impl Control {
                     .config_reloads
                     .with_label_values(&["failure"])
                     .inc();
+                self.metrics.config_last_reload_successful.set(0);
                 for line in e.lines() {
                     tracing::error!(problem = %line, "config reload refused; the previous config keeps running");
                 }

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub buffer_dropped: IntCounterVec,
     pub buffer_rejected_records: IntGaugeVec,
     pub config_reloads: IntCounterVec,
+    pub config_last_reload_successful: IntGauge,
+    pub buffer_writable: IntGaugeVec,
     pub build_info: IntGaugeVec,
     pub up_since: Gauge,
 }
@@ -170,6 +172,17 @@ impl Metrics {
                 Opts::new("forkd_config_reloads_total", "Config reloads, by result."),
                 &["result"],
             )?,
+            config_last_reload_successful: IntGauge::new(
+                "forkd_config_last_reload_successful",
+                "1 if the last reload succeeded (or none was tried), 0 if it was refused.",
+            )?,
+            buffer_writable: IntGaugeVec::new(
+                Opts::new(
+                    "forkd_buffer_writable",
+                    "1 if the target's spool accepts writes, 0 after a write error (ENOSPC, EIO) until one succeeds.",
+                ),
+                &["target"],
+            )?,
             build_info: IntGaugeVec::new(
                 Opts::new("forkd_build_info", "Build information."),
                 &["version"],
@@ -180,7 +193,9 @@ impl Metrics {
             )?,
             registry,
         };
-        let collectors: [Box<dyn Collector>; 21] = [
+        let collectors: [Box<dyn Collector>; 23] = [
+            Box::new(m.config_last_reload_successful.clone()),
+            Box::new(m.buffer_writable.clone()),
             Box::new(m.requests.clone()),
             Box::new(m.request_bytes.clone()),
             Box::new(m.request_duration.clone()),
@@ -212,6 +227,7 @@ impl Metrics {
         for result in ["success", "failure"] {
             m.config_reloads.with_label_values(&[result]);
         }
+        m.config_last_reload_successful.set(1);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
@@ -246,6 +262,7 @@ impl Metrics {
             self.buffer_dropped.with_label_values(&[target, reason]);
         }
         self.buffer_rejected_records.with_label_values(&[target]);
+        self.buffer_writable.with_label_values(&[target]).set(1);
     }
 
     /// Removes every series of a target (it was removed from the config).
@@ -275,6 +292,7 @@ impl Metrics {
             let _ = self.buffer_dropped.remove_label_values(&[target, reason]);
         }
         let _ = self.buffer_rejected_records.remove_label_values(&[target]);
+        let _ = self.buffer_writable.remove_label_values(&[target]);
     }
 
     /// Counts an answer sent to a client.

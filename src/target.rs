@@ -333,6 +333,9 @@ impl TargetRuntime {
         m.buffer_rejected_records
             .with_label_values(&[name])
             .set(to_i64(stats.rejected.records));
+        m.buffer_writable
+            .with_label_values(&[name])
+            .set(i64::from(stats.write_error.is_none()));
         let full = self
             .seen_dropped_full
             .swap(stats.dropped_full, Ordering::Relaxed);
