@@ -55,15 +55,13 @@ pub struct ServerConfig {
     pub max_inflight_bytes: ByteSize,
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// Time allowed for a client to send a request's headers.
+    /// Time allowed for a client to send a request's headers; a keep-alive
+    /// connection idle this long between requests is closed too.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// Client connections served at once; more wait in the kernel's backlog.
     #[serde(deserialize_with = "lenient::usize")]
     pub max_connections: usize,
-    /// Keep-alive connections idle longer than this are closed.
-    #[serde(with = "humantime_serde")]
-    pub idle_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -82,7 +80,6 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
             max_connections: 10_000,
-            idle_timeout: Duration::from_secs(90),
             shutdown_timeout: Duration::from_secs(30),
             tls: None,
             auth_tokens: Vec::new(),
@@ -556,7 +553,6 @@ impl RawConfig {
                 "server.header_read_timeout",
                 self.server.header_read_timeout,
             ),
-            ("server.idle_timeout", self.server.idle_timeout),
         ] {
             if d.is_zero() {
                 p.push(format!("{key}: must be above zero"));

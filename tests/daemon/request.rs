@@ -1104,3 +1104,41 @@ async fn auth_tokens_require_a_valid_bearer_token_which_is_not_forwarded() {
         .await;
     assert_eq!(get.status, 401, "a GET skipped the token check");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_idle_longer_than_header_read_timeout_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let primary = sink().await;
+    let d = Daemon::start(
+        &Conf::new()
+            .target("primary", &primary.url())
+            .server("header_read_timeout = \"300ms\""),
+    )
+    .await;
+
+    let mut s = connect(d.running().addr).await;
+    write_all(
+        &mut s,
+        b"POST /one HTTP/1.1\r\nHost: forkd\r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await;
+    let mut buf = Vec::new();
+    let head = read_head(&mut s, &mut buf).await;
+    assert_eq!(head_status(&head), 200, "{head}");
+
+    // Then nothing: forkd must close the idle connection (read returns 0)
+    // instead of holding it open for ever.
+    let mut rest = [0u8; 1024];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match s.read(&mut rest).await {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(closed, "the idle keep-alive connection was not closed");
+    assert_eq!(primary.delivered().len(), 1);
+}
