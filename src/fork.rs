@@ -157,13 +157,16 @@ impl Fork {
     {
         let started = Instant::now();
         let routing = self.routing();
-        let request_id = request_id(req.headers());
-        let span = tracing::info_span!("request", id = %request_id, method = %req.method(), path = %req.uri().path());
+        let (request_id, id_header) = request_id_and_header(req.headers());
+        // A debug span: at the default level (info) it costs nothing, where an
+        // info span formatted its fields on every request. Events logged
+        // during a request name its request id themselves.
+        let span = tracing::debug_span!("request", id = %request_id, method = %req.method(), path = %req.uri().path());
         let mut resp = self
             .route(req, client, &routing, &request_id)
             .instrument(span.clone())
             .await;
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
+        if let Some(v) = id_header {
             resp.headers_mut().insert(&X_REQUEST_ID, v);
         }
         self.metrics.count_response(resp.status());
@@ -349,8 +352,14 @@ impl Fork {
                 a => admissions.push(a),
             }
         }
-        let record = Arc::new(record);
         let active = routing.active.as_str();
+        if selected.len() == 1 {
+            // One target (active-passive, or a single target): no watch
+            // channel, no join of copies.
+            let outcome = copy(selected[0], Arc::new(record), admissions.remove(0), None).await;
+            return self.answer(cfg, &selected, active, vec![outcome]);
+        }
+        let record = Arc::new(record);
         let secondary_wait =
             (cfg.raw.routing.mode == Mode::ActiveActive).then_some(cfg.raw.routing.secondary_wait);
         // Non-active copies may hold the answer back at most `secondary_wait`
@@ -587,12 +596,43 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
 
 /// The client's `X-Request-Id` when it is a sane token, else a new UUIDv7.
 pub fn request_id(headers: &http::HeaderMap) -> String {
-    headers
-        .get(&X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+    request_id_and_header(headers).0
+}
+
+/// The request id and its header value for the answer.
+fn request_id_and_header(headers: &http::HeaderMap) -> (String, Option<HeaderValue>) {
+    if let Some(v) = headers.get(&X_REQUEST_ID)
+        && let Ok(s) = v.to_str()
+        && !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return (s.to_owned(), Some(v.clone()));
+    }
+    let id = new_uuid_v7();
+    let header = HeaderValue::from_str(&id).ok();
+    (id, header)
+}
+
+/// A UUIDv7 (RFC 9562): the Unix time in milliseconds and 74 random bits.
+///
+/// The random bits come from [`crate::rand`] (SipHash with a random key over
+/// a counter: unique within the process, unpredictable enough for an id),
+/// not from `getrandom`, which `Uuid::now_v7` calls once per id: a system
+/// call on every request.
+fn new_uuid_v7() -> String {
+    let millis = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    let a = crate::rand::next_u64().to_le_bytes();
+    let b = crate::rand::next_u64().to_le_bytes();
+    let mut random = [0u8; 10];
+    random[..8].copy_from_slice(&a);
+    random[8..].copy_from_slice(&b[..2]);
+    uuid::Builder::from_unix_timestamp_millis(millis, &random)
+        .into_uuid()
+        .to_string()
 }
 
 /// True when no tokens are configured, or the request bears one of them.

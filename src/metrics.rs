@@ -31,6 +31,8 @@ const LATENCY_BUCKETS: [f64; 14] = [
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// `forkd_requests_total{status}` series by status code, looked up once.
+    by_status: std::sync::Arc<[std::sync::OnceLock<IntCounter>]>,
     pub requests: IntCounterVec,
     pub request_bytes: IntCounter,
     pub request_duration: Histogram,
@@ -192,6 +194,7 @@ impl Metrics {
                 "Start time of the process, Unix seconds.",
             )?,
             registry,
+            by_status: (0..600).map(|_| std::sync::OnceLock::new()).collect(),
         };
         let collectors: [Box<dyn Collector>; 23] = [
             Box::new(m.config_last_reload_successful.clone()),
@@ -297,7 +300,12 @@ impl Metrics {
 
     /// Counts an answer sent to a client.
     pub fn count_response(&self, status: http::StatusCode) {
-        self.requests.with_label_values(&[status.as_str()]).inc();
+        match self.by_status.get(usize::from(status.as_u16())) {
+            Some(slot) => slot
+                .get_or_init(|| self.requests.with_label_values(&[status.as_str()]))
+                .inc(),
+            None => self.requests.with_label_values(&[status.as_str()]).inc(),
+        }
     }
 
     /// The text exposition of every metric.

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use crate::config::{RetryConfig, Target};
 use crate::metrics::Metrics;
 use crate::spool::{Refused, Reservation, Spool, SpoolError, Spooled};
-use crate::upstream::{self, Answer, Attempt, HttpClient};
+use crate::upstream::{self, Answer, Attempt, HttpClient, Pipe};
 
 /// Target state, as exported in `forkd_target_state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +62,11 @@ pub struct TargetRuntime {
     pub name: String,
     config: RwLock<Arc<Target>>,
     client: RwLock<HttpClient>,
+    /// The pipelining client for live sends and replays (`http://` targets).
+    pipe: RwLock<Option<Arc<Pipe>>>,
     retry: RwLock<RetryConfig>,
+    /// This target's metric series, looked up once.
+    series: Series,
     pub spool: Spool,
     state: Mutex<State>,
     metrics: Metrics,
@@ -99,10 +103,13 @@ impl TargetRuntime {
             State::Draining
         };
         metrics.add_target(&target.name);
+        let series = Series::new(&metrics, &target.name);
         let (stop, _) = watch::channel(false);
         let rt = Arc::new(TargetRuntime {
             name: target.name.clone(),
             client: RwLock::new(client),
+            pipe: RwLock::new(upstream::pipe(&target)),
+            series,
             config: RwLock::new(Arc::new(target)),
             retry: RwLock::new(retry),
             spool,
@@ -158,6 +165,7 @@ impl TargetRuntime {
             || old.connect_timeout != target.connect_timeout
             || old.ca_certs != target.ca_certs
         {
+            *self.pipe.write().unwrap_or_else(|p| p.into_inner()) = upstream::pipe(&target);
             match upstream::client(&target) {
                 Ok(client) => *self.client.write().unwrap_or_else(|p| p.into_inner()) = client,
                 Err(e) => {
@@ -245,15 +253,37 @@ impl TargetRuntime {
         }
     }
 
+    /// The pipelining client, if the target has one.
+    fn pipe(&self) -> Option<Arc<Pipe>> {
+        self.pipe.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sends once within `deadline` on the pipelining client, or the hyper
+    /// client (`https://`).
+    async fn send_once(
+        &self,
+        cfg: &crate::config::Target,
+        record: &crate::spool::Record,
+        deadline: Duration,
+    ) -> Attempt {
+        match self.pipe() {
+            Some(pipe) => upstream::send_pipelined(&pipe, cfg, record, deadline).await,
+            None => {
+                let client = self.client();
+                upstream::send(&client, cfg, record, deadline).await
+            }
+        }
+    }
+
     /// Sends a live copy once within `deadline`, recording metrics.
     pub async fn send_live(&self, record: &crate::spool::Record, deadline: Duration) -> Attempt {
         let cfg = self.config();
-        let client = self.client();
         let start = Instant::now();
-        let attempt = upstream::send(&client, &cfg, record, deadline.min(cfg.timeout)).await;
-        self.metrics
-            .target_latency
-            .with_label_values(&[&self.name, "live"])
+        let attempt = self
+            .send_once(&cfg, record, deadline.min(cfg.timeout))
+            .await;
+        self.series
+            .latency_live
             .observe(start.elapsed().as_secs_f64());
         self.count_attempt(&attempt, record);
         attempt
@@ -263,40 +293,28 @@ impl TargetRuntime {
     fn count_attempt(&self, attempt: &Attempt, record: &crate::spool::Record) {
         match attempt {
             Attempt::Delivered(_) => {
-                self.metrics
-                    .target_delivered_bytes
-                    .with_label_values(&[&self.name])
-                    .inc_by(record.body.len() as u64);
+                self.series.delivered_bytes.inc_by(record.body.len() as u64);
             }
-            Attempt::Rejected(_) => {
-                self.metrics
-                    .target_attempt_failures
-                    .with_label_values(&[&self.name, "status"])
-                    .inc();
-            }
-            Attempt::Transient { reason, .. } => {
-                self.metrics
-                    .target_attempt_failures
-                    .with_label_values(&[&self.name, reason.as_str()])
-                    .inc();
-            }
+            Attempt::Rejected(_) => self.series.failure("status").inc(),
+            Attempt::Transient { reason, .. } => self.series.failure(reason.as_str()).inc(),
         }
     }
 
     /// Counts a live copy abandoned by `secondary_wait` (a timeout).
     pub fn count_abandoned(&self) {
-        self.metrics
-            .target_attempt_failures
-            .with_label_values(&[&self.name, "timeout"])
-            .inc();
+        self.series.failure("timeout").inc();
     }
 
     /// Counts a request copy's outcome.
     pub fn count_result(&self, result: &str) {
-        self.metrics
-            .target_requests
-            .with_label_values(&[&self.name, result])
-            .inc();
+        match self.series.result(result) {
+            Some(c) => c.inc(),
+            None => self
+                .metrics
+                .target_requests
+                .with_label_values(&[&self.name, result])
+                .inc(),
+        }
     }
 
     /// Keeps a record the target refused for good, and logs it.
@@ -402,8 +420,18 @@ impl TargetRuntime {
             let cfg = self.config();
             let Some(mut r) = reader.take() else { return };
             let window = cfg.drain_concurrency.max(1);
+            // While probing a failing target, read one window; once it takes
+            // records, read ahead so that the window slides over many
+            // records per read instead of stopping at each window's end.
+            let read_ahead = if failures > 0 {
+                window
+            } else {
+                window
+                    .saturating_mul(READ_AHEAD_WINDOWS)
+                    .clamp(window, MAX_READ_RECORDS)
+            };
             let read = tokio::task::spawn_blocking(move || {
-                let batch = r.read_batch(window, 8 << 20);
+                let batch = r.read_batch(read_ahead, MAX_READ_BYTES);
                 (r, batch)
             })
             .await;
@@ -466,40 +494,38 @@ impl TargetRuntime {
         }
     }
 
-    /// Sends a batch concurrently and decides, in order, how far to acknowledge.
+    /// Sends a batch in order with at most `drain_concurrency` in flight (a
+    /// sliding window) and decides, in order, how far to acknowledge. Stops
+    /// at the first transient failure; sends still in flight then are
+    /// abandoned (their records stay spooled and are sent again).
     async fn replay(&self, cfg: &Target, batch: &[Spooled]) -> ReplayOutcome {
-        let client = self.client();
-        let sends = batch.iter().map(|s| {
-            let client = &client;
-            async move {
-                let start = Instant::now();
-                let attempt = upstream::send(client, cfg, &s.record, cfg.timeout).await;
-                self.metrics
-                    .target_latency
-                    .with_label_values(&[&self.name, "replay"])
-                    .observe(start.elapsed().as_secs_f64());
-                self.count_attempt(&attempt, &s.record);
-                attempt
-            }
-        });
-        let attempts = futures::future::join_all(sends).await;
+        use futures::StreamExt;
+        let window = cfg.drain_concurrency.max(1);
+        let mut in_flight = futures::stream::FuturesOrdered::new();
+        let mut sent = 0;
+        let mut done = 0;
         let mut outcome = ReplayOutcome {
             ack_to: None,
             failure: None,
         };
-        for (s, attempt) in batch.iter().zip(attempts) {
+        loop {
+            while in_flight.len() < window && sent < batch.len() {
+                in_flight.push_back(self.replay_one(cfg, &batch[sent]));
+                sent += 1;
+            }
+            let Some(attempt) = in_flight.next().await else {
+                break;
+            };
+            let s = &batch[done];
+            done += 1;
             match attempt {
                 Attempt::Delivered(_) => {
                     self.count_result("delivered");
-                    if outcome.failure.is_none() {
-                        outcome.ack_to = Some(s.end);
-                    }
+                    outcome.ack_to = Some(s.end);
                 }
                 Attempt::Rejected(answer) => {
-                    if outcome.failure.is_none() {
-                        self.keep_rejected(&s.record, &answer);
-                        outcome.ack_to = Some(s.end);
-                    }
+                    self.keep_rejected(&s.record, &answer);
+                    outcome.ack_to = Some(s.end);
                 }
                 Attempt::Transient {
                     reason,
@@ -507,17 +533,27 @@ impl TargetRuntime {
                     detail,
                     ..
                 } => {
-                    if outcome.failure.is_none() {
-                        tracing::info!(
-                            target = %self.name, request_id = %s.record.request_id,
-                            reason = reason.as_str(), %detail, "replay failed; will retry"
-                        );
-                        outcome.failure = Some(retry_after);
-                    }
+                    tracing::info!(
+                        target = %self.name, request_id = %s.record.request_id,
+                        reason = reason.as_str(), %detail, "replay failed; will retry"
+                    );
+                    outcome.failure = Some(retry_after);
+                    break;
                 }
             }
         }
         outcome
+    }
+
+    /// One replay attempt, counted.
+    async fn replay_one(&self, cfg: &Target, s: &Spooled) -> Attempt {
+        let start = Instant::now();
+        let attempt = self.send_once(cfg, &s.record, cfg.timeout).await;
+        self.series
+            .latency_replay
+            .observe(start.elapsed().as_secs_f64());
+        self.count_attempt(&attempt, &s.record);
+        attempt
     }
 
     /// Draining → up once nothing is spooled or reserved (under the state lock).
@@ -570,6 +606,56 @@ impl TargetRuntime {
         result.map(|_| ())
     }
 }
+
+/// A target's metric series, looked up once (the label lookups cost a hash
+/// and a lock each, per request).
+struct Series {
+    delivered_bytes: prometheus::IntCounter,
+    latency_live: prometheus::Histogram,
+    latency_replay: prometheus::Histogram,
+    /// In the order of [`crate::metrics::RESULTS`].
+    results: Vec<prometheus::IntCounter>,
+    /// In the order of [`crate::metrics::FAILURE_REASONS`].
+    failures: Vec<prometheus::IntCounter>,
+}
+
+impl Series {
+    fn new(m: &Metrics, name: &str) -> Series {
+        Series {
+            delivered_bytes: m.target_delivered_bytes.with_label_values(&[name]),
+            latency_live: m.target_latency.with_label_values(&[name, "live"]),
+            latency_replay: m.target_latency.with_label_values(&[name, "replay"]),
+            results: crate::metrics::RESULTS
+                .iter()
+                .map(|r| m.target_requests.with_label_values(&[name, r]))
+                .collect(),
+            failures: crate::metrics::FAILURE_REASONS
+                .iter()
+                .map(|r| m.target_attempt_failures.with_label_values(&[name, r]))
+                .collect(),
+        }
+    }
+
+    fn result(&self, result: &str) -> Option<&prometheus::IntCounter> {
+        let i = crate::metrics::RESULTS.iter().position(|r| *r == result)?;
+        self.results.get(i)
+    }
+
+    fn failure(&self, reason: &str) -> &prometheus::IntCounter {
+        let i = crate::metrics::FAILURE_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        &self.failures[i]
+    }
+}
+
+/// Records read ahead per replay read, in windows of `drain_concurrency`.
+const READ_AHEAD_WINDOWS: usize = 16;
+/// Most records per replay read.
+const MAX_READ_RECORDS: usize = 4096;
+/// Most bytes per replay read.
+const MAX_READ_BYTES: u64 = 8 << 20;
 
 struct ReplayOutcome {
     ack_to: Option<u64>,

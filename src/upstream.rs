@@ -6,10 +6,13 @@
 //! result as an [`Attempt`]: the single place that decides delivered, rejected
 //! or transient (retry), in the spirit of pingora's error-carries-retry design.
 
-use std::net::IpAddr;
-use std::time::{Duration, SystemTime};
+mod pipe;
 
-use bytes::Bytes;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
@@ -21,6 +24,13 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config::Target;
 use crate::proxy_headers;
 use crate::spool::Record;
+
+pub use pipe::Pipe;
+use pipe::{PipeErrorKind, RawAnswer};
+
+/// Times a request is sent again when its connection closed before it was
+/// answered (see [`pipe`]).
+const NOT_SENT_RETRIES: usize = 2;
 
 /// Largest answer body relayed to a client; larger answers give 502.
 pub const MAX_ANSWER_BODY: usize = 1 << 20;
@@ -52,6 +62,21 @@ pub fn client(target: &Target) -> Result<HttpClient, String> {
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(256)
         .build(https))
+}
+
+/// The pipelining client of an `http://` target (`None` for `https://`,
+/// which goes through the hyper client).
+pub fn pipe(target: &Target) -> Option<Arc<Pipe>> {
+    if target.base.scheme_str() != Some("http") {
+        return None;
+    }
+    let authority = target.base.authority()?;
+    let port = authority.port_u16().unwrap_or(80);
+    Some(Arc::new(Pipe::new(
+        authority.host(),
+        port,
+        target.connect_timeout,
+    )))
 }
 
 /// What a target answered, as relayed to a client.
@@ -151,28 +176,56 @@ pub fn join_uri(
 /// `X-Request-Id` are removed (forkd sets the last and the length itself), and
 /// `X-Forwarded-For` gets the client's address appended.
 pub fn end_to_end_headers(mut headers: HeaderMap, client: Option<IpAddr>) -> HeaderMap {
-    proxy_headers::strip_hop_by_hop(&mut headers);
-    for name in [
-        header::HOST,
-        header::AUTHORIZATION,
-        header::CONTENT_LENGTH,
-        header::EXPECT,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove(&X_REQUEST_ID);
-    if let Some(ip) = client {
-        let prior: Vec<String> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok().map(str::to_owned))
-            .collect();
-        let mut value = prior.join(", ");
-        if !value.is_empty() {
-            value.push_str(", ");
+    // One pass over the (few) headers present instead of a lookup for each
+    // of the ~15 names that may have to go.
+    let mut doomed: [Option<HeaderName>; 16] = Default::default();
+    let mut n = 0;
+    let mut named_in_connection = false;
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            named_in_connection = true;
         }
-        value.push_str(&ip.to_string());
-        if let Ok(v) = HeaderValue::from_str(&value) {
+        if proxy_headers::is_hop_by_hop(name)
+            || name == header::HOST
+            || name == header::AUTHORIZATION
+            || name == header::CONTENT_LENGTH
+            || name == header::EXPECT
+            || name == X_REQUEST_ID
+        {
+            if n == doomed.len() {
+                break;
+            }
+            doomed[n] = Some(name.clone());
+            n += 1;
+        }
+    }
+    if named_in_connection || n == doomed.len() {
+        proxy_headers::strip_hop_by_hop(&mut headers);
+        for name in [
+            header::HOST,
+            header::AUTHORIZATION,
+            header::CONTENT_LENGTH,
+            header::EXPECT,
+        ] {
+            headers.remove(name);
+        }
+        headers.remove(&X_REQUEST_ID);
+    } else {
+        for name in doomed.iter_mut().take(n).filter_map(Option::take) {
+            headers.remove(name);
+        }
+    }
+    if let Some(ip) = client {
+        use std::fmt::Write;
+        let mut value = String::with_capacity(48);
+        for prior in headers.get_all(&X_FORWARDED_FOR) {
+            if let Ok(p) = prior.to_str() {
+                value.push_str(p);
+                value.push_str(", ");
+            }
+        }
+        let _ = write!(value, "{ip}");
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
             headers.insert(&X_FORWARDED_FOR, v);
         }
     }
@@ -208,7 +261,118 @@ pub fn build_request(
     Ok(req)
 }
 
-/// Sends `record` to `target` once, within `deadline` (normally the target's `timeout`).
+/// The request line and headers of `record` for `target`, as
+/// [`build_request`] makes them, encoded for HTTP/1.1.
+pub fn request_head(target: &Target, record: &Record) -> Result<Bytes, http::Error> {
+    let base_path = target.base.path().trim_end_matches('/');
+    // The request's path and query are kept verbatim when join_uri would
+    // not change them (no target query, no empty query parameters).
+    let verbatim = target.query.is_empty()
+        && record.path_and_query.query().is_none_or(|q| {
+            !q.is_empty() && !q.starts_with('&') && !q.ends_with('&') && !q.contains("&&")
+        });
+    let joined;
+    let path: &str = if verbatim {
+        ""
+    } else {
+        joined = join_uri(target, &record.path_and_query)?;
+        joined.path_and_query().map_or("/", |pq| pq.as_str())
+    };
+    let authority = target.base.authority().map_or("", |a| a.as_str());
+    let mut len = 64 + base_path.len() + record.path_and_query.as_str().len() + authority.len();
+    for (name, value) in &record.headers {
+        len += name.as_str().len() + value.len() + 4;
+    }
+    for (name, value) in &target.headers {
+        len += name.as_str().len() + value.len() + 4;
+    }
+    let mut b = BytesMut::with_capacity(len + record.request_id.len() + 40);
+    b.put_slice(record.method.as_str().as_bytes());
+    b.put_u8(b' ');
+    if verbatim {
+        b.put_slice(base_path.as_bytes());
+        b.put_slice(record.path_and_query.as_str().as_bytes());
+    } else {
+        b.put_slice(path.as_bytes());
+    }
+    b.put_slice(b" HTTP/1.1\r\nhost: ");
+    b.put_slice(authority.as_bytes());
+    b.put_slice(b"\r\n");
+    let replaced = |name: &HeaderName| {
+        name == header::HOST
+            || name == X_REQUEST_ID
+            || name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || target.headers.iter().any(|(n, _)| n == name)
+    };
+    for (name, value) in &record.headers {
+        if replaced(name) {
+            continue;
+        }
+        put_header(&mut b, name.as_str().as_bytes(), value.as_bytes());
+    }
+    let id = record.request_id.as_bytes();
+    if !id.is_empty() && id.iter().all(|&c| c == b'\t' || (0x20..0x7f).contains(&c)) {
+        put_header(&mut b, b"x-request-id", id);
+    }
+    for (name, value) in &target.headers {
+        put_header(&mut b, name.as_str().as_bytes(), value.as_bytes());
+    }
+    b.put_slice(b"content-length: ");
+    let mut digits = itoa_buf(record.body.len() as u64);
+    b.put_slice(digits.as_bytes_mut());
+    b.put_slice(b"\r\n\r\n");
+    Ok(b.freeze())
+}
+
+fn put_header(b: &mut BytesMut, name: &[u8], value: &[u8]) {
+    b.put_slice(name);
+    b.put_slice(b": ");
+    b.put_slice(value);
+    b.put_slice(b"\r\n");
+}
+
+/// Decimal digits of `n` without an allocation.
+struct Digits {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Digits {
+    fn as_bytes_mut(&mut self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+fn itoa_buf(mut n: u64) -> Digits {
+    let mut d = Digits {
+        buf: [0; 20],
+        start: 20,
+    };
+    loop {
+        d.start -= 1;
+        d.buf[d.start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return d;
+        }
+    }
+}
+
+fn cannot_build(e: &http::Error) -> Attempt {
+    // The record's path or headers cannot form a request for this target:
+    // retrying cannot help.
+    Attempt::Rejected(Answer {
+        status: StatusCode::BAD_REQUEST,
+        headers: HeaderMap::new(),
+        body: Some(Bytes::from(format!(
+            "forkd: cannot build the upstream request: {e}\n"
+        ))),
+    })
+}
+
+/// Sends `record` to `target` once, within `deadline` (normally the target's
+/// `timeout`), on the hyper client (see [`send_pipelined`] for `http://`).
 pub async fn send(
     client: &HttpClient,
     target: &Target,
@@ -217,17 +381,7 @@ pub async fn send(
 ) -> Attempt {
     let req = match build_request(target, record) {
         Ok(r) => r,
-        Err(e) => {
-            // The record's path or headers cannot form a request for this
-            // target: retrying cannot help.
-            return Attempt::Rejected(Answer {
-                status: StatusCode::BAD_REQUEST,
-                headers: HeaderMap::new(),
-                body: Some(Bytes::from(format!(
-                    "forkd: cannot build the upstream request: {e}\n"
-                ))),
-            });
-        }
+        Err(e) => return cannot_build(&e),
     };
     match tokio::time::timeout(deadline, exchange(client, req)).await {
         Err(_) => Attempt::Transient {
@@ -246,6 +400,61 @@ pub async fn send(
             detail,
         },
         Ok(Ok(answer)) => classify(target, answer),
+    }
+}
+
+/// [`send`] on the pipelining client of an `http://` target.
+pub async fn send_pipelined(
+    pipe: &Pipe,
+    target: &Target,
+    record: &Record,
+    deadline: Duration,
+) -> Attempt {
+    let head = match request_head(target, record) {
+        Ok(h) => h,
+        Err(e) => return cannot_build(&e),
+    };
+    let until = Instant::now() + deadline;
+    let mut tries = 0;
+    loop {
+        let result = pipe.send(head.clone(), record.body.clone(), until).await;
+        let (reason, detail) = match result {
+            Ok(RawAnswer {
+                status,
+                headers,
+                body,
+            }) => {
+                return classify(
+                    target,
+                    Answer {
+                        status,
+                        headers,
+                        body,
+                    },
+                );
+            }
+            Err(e) => match e.kind {
+                PipeErrorKind::NotSent if tries < NOT_SENT_RETRIES && Instant::now() < until => {
+                    tries += 1;
+                    continue;
+                }
+                PipeErrorKind::Connect => (FailureReason::Connect, e.detail),
+                PipeErrorKind::Timeout => (
+                    FailureReason::Timeout,
+                    format!(
+                        "no complete answer within {}",
+                        humantime::format_duration(deadline)
+                    ),
+                ),
+                PipeErrorKind::Io | PipeErrorKind::NotSent => (FailureReason::Io, e.detail),
+            },
+        };
+        return Attempt::Transient {
+            reason,
+            retry_after: None,
+            answer: None,
+            detail,
+        };
     }
 }
 

@@ -14,6 +14,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use forkd::spool::fuzzing::SegmentHeader;
 use forkd::spool::{
     FsyncPolicy, MIN_SEGMENT_SIZE, Record, Refused, Spool, SpoolError, SpoolOptions, Spooled,
     WhenFull, truncate_to_millis,
@@ -524,6 +525,33 @@ fn a_last_segment_cut_inside_its_header_or_with_a_zeroed_header_is_replaced_at_o
         assert_eq!(ids(&read_all(&spool)), want, "{what}: after reopening");
         spool.close();
     }
+}
+
+#[test]
+fn an_empty_segment_followed_by_one_cut_inside_its_header_opens_and_takes_appends() {
+    // Found by fuzz/fuzz_targets/spool_recover.rs: recovery refused to start
+    // ("cannot create segment …: File exists"): it removed the cut segment and
+    // made a new one where the empty segment already was.
+    let _gate = gate();
+    let root = tempdir().unwrap();
+    let dir = root.path().join("spool");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(
+        dir.join("00000000000000000000.seg"),
+        SegmentHeader { base: 0 }.encode(),
+    )
+    .unwrap();
+    fs::write(dir.join("00000000000000000001.seg"), b"NKF").unwrap();
+    let spool = Spool::open(&dir, small_segments()).unwrap();
+    assert!(read_all(&spool).is_empty());
+    append(&spool, record(1, 10));
+    append(&spool, record(2, 10));
+    assert_eq!(ids(&read_all(&spool)), [1, 2]);
+    spool.close();
+    let spool = Spool::open(&dir, small_segments()).unwrap();
+    assert_eq!(ids(&read_all(&spool)), [1, 2]);
+    assert_eq!(spool.stats().dropped_corrupt, 0);
+    spool.close();
 }
 
 #[test]

@@ -484,6 +484,10 @@ impl Core {
         self.lock().segments.insert(base, 0);
     }
 
+    fn has_write_error(&self) -> bool {
+        self.lock().write_error.is_some()
+    }
+
     fn set_write_error(&self, error: Option<String>) {
         self.lock().write_error = error;
     }
@@ -609,6 +613,8 @@ impl Spool {
             buf: Vec::new(),
             unsynced_since: None,
             cursor_dirty_since: None,
+            probe_at: None,
+            failed_len: 0,
             syncer: None,
         };
         let thread = std::thread::Builder::new()
@@ -1115,7 +1121,11 @@ fn recover(dir: &Path, opts: &SpoolOptions) -> Result<Recovered, SpoolError> {
                 st.dropped_corrupt += 1;
                 tracing::warn!(path = %path.display(), "spool segment ends in an incomplete record; skipped");
             }
-        } else if is_last {
+        } else {
+            // A clean segment. Appending continues in the last one if it ends
+            // the log: the last file, or the one before it when the last
+            // file was removed above (its creation was cut short), which
+            // may be an empty segment that a new one would collide with.
             last_usable = Some((base, kept_len));
         }
         st.segments.insert(base, kept_len);

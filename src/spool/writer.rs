@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -32,6 +32,9 @@ use super::{Core, Entry, FsyncPolicy, SpoolError, cursor, fsutil, scan};
 const MAX_BATCH_RECORDS: usize = 4096;
 /// Most bytes taken into one batch (a batch always takes at least one record).
 const MAX_BATCH_BYTES: u64 = 8 << 20;
+/// While the last write failed, how often the writer checks on its own
+/// whether the spool can be written again (see [`Writer::probe_writable`]).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 pub(super) struct Append {
     pub record: Record,
@@ -64,6 +67,10 @@ pub(super) struct Writer {
     pub buf: Vec<u8>,
     pub unsynced_since: Option<Instant>,
     pub cursor_dirty_since: Option<Instant>,
+    /// When to check again whether a spool whose last write failed can be written.
+    pub probe_at: Option<Instant>,
+    /// Bytes of the last write that failed: what the check tries to write.
+    pub failed_len: u64,
     /// The syncer thread (`fsync = "always"` only).
     pub syncer: Option<Syncer>,
 }
@@ -237,6 +244,14 @@ impl Writer {
             let due = since + self.core.opts.cursor_sync_interval;
             deadline = Some(deadline.map_or(due, |d: Instant| d.min(due)));
         }
+        if self.core.has_write_error() {
+            let due = *self
+                .probe_at
+                .get_or_insert_with(|| Instant::now() + PROBE_EVERY);
+            deadline = Some(deadline.map_or(due, |d: Instant| d.min(due)));
+        } else {
+            self.probe_at = None;
+        }
         deadline
     }
 
@@ -252,6 +267,7 @@ impl Writer {
                 let result = self.commit_group(&mut group).and_then(|()| self.roll());
                 if let Err(e) = result {
                     // A segment that cannot be created is a write error too.
+                    self.failed_len = append.len;
                     self.core.set_write_error(Some(e.to_string()));
                     fail_all(&self.core, std::iter::once(append).chain(rest), &e);
                     return;
@@ -278,6 +294,7 @@ impl Writer {
         if let Err(e) = self.active.file.write_all_at(&self.buf, offset) {
             // Cut back any partial write so the next batch starts on a frame boundary.
             let _ = self.active.file.set_len(offset);
+            self.failed_len = self.buf.len() as u64;
             let err = SpoolError::io("append to", &self.segment_path(self.active.base), e);
             self.core.set_write_error(Some(err.to_string()));
             fail_all(&self.core, group.drain(..).map(|(a, _)| a), &err);
@@ -357,6 +374,35 @@ impl Writer {
             if let Err(e) = self.persist_cursor() {
                 tracing::warn!(error = %e, "spool cursor write failed");
             }
+        }
+        if self.probe_at.is_some_and(|at| Instant::now() >= at) {
+            self.probe_at = None;
+            if self.core.has_write_error() {
+                self.probe_writable();
+            }
+        }
+    }
+
+    /// Clears the write error once as many bytes as the failed write held
+    /// (4 KiB to 1 MiB) can be written and synced in the spool directory.
+    ///
+    /// Without this the error (and `/readyz` 503) would last until the next
+    /// append succeeds, and an instance that a load balancer took out of
+    /// rotation for it would get no append to prove it can write again.
+    fn probe_writable(&mut self) {
+        let path = self.core.dir.join("writable.tmp");
+        let len = self.failed_len.clamp(4 << 10, 1 << 20) as usize;
+        let result = fsutil::create_truncate(&path).and_then(|f| {
+            f.write_all_at(&vec![0u8; len], 0)?;
+            if self.core.opts.fsync != FsyncPolicy::Never {
+                f.sync_data()?;
+            }
+            Ok(())
+        });
+        let _ = fs::remove_file(&path);
+        if result.is_ok() {
+            tracing::info!(dir = %self.core.dir.display(), "spool can be written again");
+            self.core.set_write_error(None);
         }
     }
 

@@ -1,0 +1,853 @@
+//! A pipelining HTTP/1.1 client for `http://` targets: the live and replay
+//! send path.
+//!
+//! Why: on loopback or a LAN, the cost of a proxied request is dominated by
+//! the kernel's per-send work (a TCP segment, its delivery, and waking the
+//! receiver), not by user space. hyper's client sends one request per
+//! connection at a time, so every copy costs one `writev` and one `recv` on
+//! its own. Here the requests that are waiting for a target when its
+//! connection task runs are written with one `writev` (HTTP/1.1 pipelining),
+//! and their answers are read together: one segment and one wake-up carry
+//! many requests. See docs/performance.md ("End to end").
+//!
+//! Connections per target: a request joins the requests that a connection
+//! has queued and not yet written (they go out in the same `writev`, and
+//! nothing unanswered is ahead of them), else takes an idle connection, else
+//! opens a new one up to [`PREFERRED_CONNS`], else is pipelined behind the
+//! least loaded connection that is making progress. The writer yields once
+//! before it writes, so the requests that the tasks ready at that moment
+//! submit go out together. A connection whose oldest request has waited
+//! [`STALL`] without an answer gets no new requests (more connections are
+//! opened, up to [`MAX_CONNS`]), so one slow or hung request delays at most
+//! the requests already queued behind it.
+//!
+//! Failures: when a connection ends (EOF, error, `Connection: close`, the
+//! oldest request's deadline), its oldest unanswered request gets the reason
+//! (`Io` if it was wholly written, as hyper's client would report it;
+//! `Timeout`), and the requests behind it, which the target has not answered
+//! and, after a close, will not, get [`PipeErrorKind::NotSent`]: the caller
+//! sends them again on another connection (at most twice; delivery is
+//! at-least-once, and `X-Request-Id` lets the target drop a duplicate). A
+//! request whose caller has gone (timeout, `secondary_wait`) before it is
+//! written is not written.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::StatusCode;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use super::MAX_ANSWER_BODY;
+
+/// Connections opened before requests are pipelined. Sized from the e2e
+/// benchmark (64 client connections, 4 KiB bodies, proxy at half a core):
+/// see docs/performance.md.
+pub const PREFERRED_CONNS: usize = 4;
+/// Hard bound on connections per target.
+pub const MAX_CONNS: usize = 256;
+/// Requests queued or in flight on one connection before another is preferred.
+const MAX_DEPTH: usize = 64;
+/// Most requests written with one `writev`.
+const MAX_BATCH: usize = 64;
+/// A connection whose oldest request has waited this long gets no new requests.
+const STALL: Duration = Duration::from_millis(200);
+/// Largest answer head accepted.
+const MAX_HEAD: usize = 64 << 10;
+/// Most answer headers parsed.
+const MAX_HEADERS: usize = 100;
+
+/// Why a request got no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipeErrorKind {
+    Connect,
+    Io,
+    Timeout,
+    /// Not written, or the connection closed in an orderly way before any
+    /// byte of its answer: send it again.
+    NotSent,
+}
+
+#[derive(Debug)]
+pub struct PipeError {
+    pub kind: PipeErrorKind,
+    pub detail: String,
+}
+
+impl PipeError {
+    fn new(kind: PipeErrorKind, detail: impl Into<String>) -> Self {
+        PipeError {
+            kind,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// An answer as received (hop-by-hop headers and Content-Length removed).
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// `None` when the body was larger than [`MAX_ANSWER_BODY`].
+    pub body: Option<Bytes>,
+}
+
+type Reply = oneshot::Sender<Result<RawAnswer, PipeError>>;
+
+/// One request: its encoded head and its body, written back to back.
+struct Job {
+    head: Bytes,
+    body: Bytes,
+    deadline: Instant,
+    reply: Reply,
+}
+
+/// A request written and waiting for its answer.
+struct Pending {
+    deadline: Instant,
+    reply: Reply,
+}
+
+/// The connections of one target.
+pub struct Pipe {
+    host: String,
+    port: u16,
+    connect_timeout: Duration,
+    epoch: Instant,
+    /// Open connections and the queues of their tasks (a task ends once its
+    /// queue's sender is dropped and its answers are in).
+    conns: Mutex<Vec<(Arc<Conn>, mpsc::UnboundedSender<Job>)>>,
+}
+
+impl std::fmt::Debug for Pipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipe")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Conn {
+    /// Requests queued or in flight.
+    load: AtomicUsize,
+    /// Requests queued and not yet taken by the writer: a new request that
+    /// joins them goes out in the same `writev`.
+    unwritten: AtomicUsize,
+    closed: AtomicBool,
+    /// Milliseconds since the pipe's epoch of the last answer, or of the
+    /// moment the connection went from idle to busy.
+    progress: AtomicU64,
+}
+
+impl Pipe {
+    /// `host` without brackets for IPv6.
+    pub fn new(host: &str, port: u16, connect_timeout: Duration) -> Pipe {
+        Pipe {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port,
+            connect_timeout,
+            epoch: Instant::now(),
+            conns: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Sends one request (head and body already encoded) and waits for its
+    /// answer until `deadline`.
+    pub async fn send(
+        &self,
+        head: Bytes,
+        body: Bytes,
+        deadline: Instant,
+    ) -> Result<RawAnswer, PipeError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Job {
+            head,
+            body,
+            deadline,
+            reply,
+        });
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Err(_) => Err(PipeError::new(PipeErrorKind::Timeout, "no answer in time")),
+            Ok(Err(_)) => Err(PipeError::new(
+                PipeErrorKind::NotSent,
+                "connection task ended",
+            )),
+            Ok(Ok(result)) => result,
+        }
+    }
+
+    fn submit(&self, job: Job) {
+        let now = self.now_ms();
+        let (conn, tx) = {
+            let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            conns.retain(|(c, _)| !c.closed.load(Ordering::Acquire));
+            let (conn, tx) = match choose(&conns, now) {
+                Some(i) => conns[i].clone(),
+                None => {
+                    let c = self.open();
+                    conns.push(c.clone());
+                    c
+                }
+            };
+            if conn.load.fetch_add(1, Ordering::AcqRel) == 0 {
+                conn.progress.store(now, Ordering::Release);
+            }
+            conn.unwritten.fetch_add(1, Ordering::AcqRel);
+            (conn, tx)
+        };
+        if let Err(mpsc::error::SendError(job)) = tx.send(job) {
+            conn.unwritten.fetch_sub(1, Ordering::AcqRel);
+            conn.load.fetch_sub(1, Ordering::AcqRel);
+            let _ = job.reply.send(Err(PipeError::new(
+                PipeErrorKind::NotSent,
+                "connection closed",
+            )));
+        }
+    }
+
+    fn open(&self) -> (Arc<Conn>, mpsc::UnboundedSender<Job>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let conn = Arc::new(Conn {
+            load: AtomicUsize::new(0),
+            unwritten: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            progress: AtomicU64::new(self.now_ms()),
+        });
+        tokio::spawn(run(
+            self.host.clone(),
+            self.port,
+            self.connect_timeout,
+            self.epoch,
+            conn.clone(),
+            rx,
+        ));
+        (conn, tx)
+    }
+}
+
+/// The index of the connection for a new request; `None`: open a new one.
+fn choose(conns: &[(Arc<Conn>, mpsc::UnboundedSender<Job>)], now: u64) -> Option<usize> {
+    let load = |i: usize| conns[i].0.load.load(Ordering::Acquire);
+    // Join a batch that is about to be written (nothing waits ahead of it
+    // but that write), then an idle connection.
+    if let Some(joining) = (0..conns.len()).find(|&i| {
+        let u = conns[i].0.unwritten.load(Ordering::Acquire);
+        u > 0 && u < MAX_BATCH && load(i) == u
+    }) {
+        return Some(joining);
+    }
+    if let Some(idle) = (0..conns.len()).find(|&i| load(i) == 0) {
+        return Some(idle);
+    }
+    if conns.len() < PREFERRED_CONNS {
+        return None;
+    }
+    let stall = STALL.as_millis() as u64;
+    let busy = (0..conns.len())
+        .filter(|&i| {
+            load(i) < MAX_DEPTH
+                && now.saturating_sub(conns[i].0.progress.load(Ordering::Acquire)) < stall
+        })
+        .min_by_key(|&i| load(i));
+    if busy.is_some() {
+        return busy;
+    }
+    if conns.len() < MAX_CONNS {
+        return None;
+    }
+    (0..conns.len()).min_by_key(|&i| load(i))
+}
+
+async fn connect(host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_keepalive(true)?;
+        socket.set_nodelay(true)?;
+        match socket.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no address")))
+}
+
+/// State shared by the writer and the reader of one connection (one task).
+struct Shared {
+    conn: Arc<Conn>,
+    epoch: Instant,
+    pending: Mutex<VecDeque<Pending>>,
+    /// How many of the pending requests, oldest first, are wholly written.
+    written: AtomicUsize,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn done_one(&self) {
+        self.conn.load.fetch_sub(1, Ordering::AcqRel);
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.conn.progress.store(now, Ordering::Release);
+    }
+
+    /// The kind for the oldest pending request when the connection ends
+    /// without its answer: `Io` if it was wholly written (the target may
+    /// have acted on it), else `NotSent`.
+    fn unanswered(&self) -> PipeErrorKind {
+        if self.written.load(Ordering::Acquire) > 0 {
+            PipeErrorKind::Io
+        } else {
+            PipeErrorKind::NotSent
+        }
+    }
+
+    fn complete(&self, result: Result<RawAnswer, PipeError>) {
+        let front = self.lock().pop_front();
+        if let Some(p) = front {
+            let _ = self
+                .written
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            self.done_one();
+            let _ = p.reply.send(result);
+        }
+    }
+}
+
+/// How a connection ended, for the requests still on it.
+struct End {
+    /// The error for the oldest pending request.
+    first: PipeError,
+}
+
+async fn run(
+    host: String,
+    port: u16,
+    connect_timeout: Duration,
+    epoch: Instant,
+    conn: Arc<Conn>,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+) {
+    let shared = Shared {
+        conn,
+        epoch,
+        pending: Mutex::new(VecDeque::new()),
+        written: AtomicUsize::new(0),
+    };
+    let stream = match tokio::time::timeout(connect_timeout, connect(&host, port)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            close(
+                &shared,
+                &mut rx,
+                PipeError::new(
+                    PipeErrorKind::Connect,
+                    format!("connect {host}:{port}: {e}"),
+                ),
+            );
+            None
+        }
+        Err(_) => {
+            close(
+                &shared,
+                &mut rx,
+                PipeError::new(
+                    PipeErrorKind::Connect,
+                    format!("connect {host}:{port}: timed out"),
+                ),
+            );
+            None
+        }
+    };
+    let Some(stream) = stream else { return };
+    let (rd, wr) = stream.into_split();
+    let end = {
+        let reader = read_loop(rd, &shared);
+        let writer = write_loop(wr, &mut rx, &shared);
+        tokio::pin!(reader, writer);
+        let mut writing = true;
+        loop {
+            tokio::select! {
+                end = &mut reader => break end,
+                w = &mut writer, if writing => match w {
+                    Err(e) => break End { first: e },
+                    // The pipe is gone: finish what is in flight, then close.
+                    Ok(()) => {
+                        writing = false;
+                        if shared.lock().is_empty() {
+                            break End { first: PipeError::new(PipeErrorKind::NotSent, "closed") };
+                        }
+                    }
+                },
+            }
+        }
+    };
+    close(&shared, &mut rx, end.first);
+}
+
+/// Marks the connection closed and fails everything on it: the oldest
+/// pending request with `first`, the other pending ones and those never
+/// written as not sent (or, when the connection never opened, with the
+/// connect error).
+fn close(shared: &Shared, rx: &mut mpsc::UnboundedReceiver<Job>, first: PipeError) {
+    shared.conn.closed.store(true, Ordering::Release);
+    rx.close();
+    let pending: Vec<Pending> = shared.lock().drain(..).collect();
+    let mut first = Some(first);
+    for p in pending {
+        shared.done_one();
+        let err = match first.take() {
+            Some(e) => e,
+            None => PipeError::new(PipeErrorKind::NotSent, "connection closed"),
+        };
+        let _ = p.reply.send(Err(err));
+    }
+    while let Ok(job) = rx.try_recv() {
+        shared.conn.unwritten.fetch_sub(1, Ordering::AcqRel);
+        shared.done_one();
+        let kind = match &first {
+            Some(e) if e.kind == PipeErrorKind::Connect => PipeErrorKind::Connect,
+            _ => PipeErrorKind::NotSent,
+        };
+        let detail = first
+            .as_ref()
+            .map_or("connection closed", |e| e.detail.as_str());
+        let _ = job.reply.send(Err(PipeError::new(kind, detail)));
+    }
+}
+
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    rx: &mut mpsc::UnboundedReceiver<Job>,
+    shared: &Shared,
+) -> Result<(), PipeError> {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut out: VecDeque<Bytes> = VecDeque::with_capacity(2 * MAX_BATCH);
+    loop {
+        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return Ok(());
+        }
+        if batch.len() < MAX_BATCH {
+            // Let the tasks that are ready run first: the requests they are
+            // about to submit go out with this write instead of one write
+            // each (without this, tokio runs this task right after the
+            // first submitter, and batches stay at one or two requests).
+            tokio::task::yield_now().await;
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        shared
+            .conn
+            .unwritten
+            .fetch_sub(batch.len(), Ordering::AcqRel);
+        let mut queued = 0;
+        {
+            let now = Instant::now();
+            let mut pending = shared.lock();
+            for job in batch.drain(..) {
+                if job.reply.is_closed() || job.deadline <= now {
+                    // The caller has gone (it spooled the copy): do not send.
+                    shared.done_one();
+                    continue;
+                }
+                out.push_back(job.head);
+                if !job.body.is_empty() {
+                    out.push_back(job.body);
+                }
+                pending.push_back(Pending {
+                    deadline: job.deadline,
+                    reply: job.reply,
+                });
+                queued += 1;
+            }
+        }
+        while !out.is_empty() {
+            let n = {
+                let slices: Vec<IoSlice<'_>> =
+                    out.iter().take(64).map(|b| IoSlice::new(b)).collect();
+                wr.write_vectored(&slices).await
+            };
+            match n {
+                Ok(0) => {
+                    return Err(PipeError::new(
+                        shared.unanswered(),
+                        "connection closed while sending",
+                    ));
+                }
+                Ok(mut n) => {
+                    while n > 0 {
+                        let Some(front) = out.front_mut() else { break };
+                        if front.len() <= n {
+                            n -= front.len();
+                            out.pop_front();
+                        } else {
+                            front.advance(n);
+                            n = 0;
+                        }
+                    }
+                }
+                Err(e) => {
+                    return Err(PipeError::new(shared.unanswered(), format!("sending: {e}")));
+                }
+            }
+        }
+        shared.written.fetch_add(queued, Ordering::AcqRel);
+    }
+}
+
+/// How the body of the answer being read is delimited.
+enum Framing {
+    Length(usize),
+    Chunked,
+    UntilEof,
+}
+
+/// An answer whose head is parsed and whose body is being read.
+struct Partial {
+    status: StatusCode,
+    headers: HeaderMap,
+    framing: Framing,
+    close_after: bool,
+}
+
+async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
+    let mut buf = BytesMut::with_capacity(16 << 10);
+    let mut partial: Option<Partial> = None;
+    // Bytes still to skip of an answer body over the limit.
+    let mut discard: usize = 0;
+    let sleep = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(sleep);
+    let mut armed: Option<Instant> = None;
+    loop {
+        // Every complete answer in the buffer.
+        loop {
+            if discard > 0 {
+                let n = discard.min(buf.len());
+                buf.advance(n);
+                discard -= n;
+                if discard > 0 {
+                    break;
+                }
+            }
+            if partial.is_none() {
+                if buf.is_empty() {
+                    break;
+                }
+                if shared.lock().is_empty() {
+                    return End {
+                        first: PipeError::new(
+                            PipeErrorKind::Io,
+                            "bytes from the target with no request",
+                        ),
+                    };
+                }
+                match parse_head(&mut buf) {
+                    Ok(Some(p)) => partial = p,
+                    Ok(None) => {
+                        if buf.len() > MAX_HEAD {
+                            return End {
+                                first: PipeError::new(PipeErrorKind::Io, "answer head too large"),
+                            };
+                        }
+                        break;
+                    }
+                    Err(e) => return End { first: e },
+                }
+                continue;
+            }
+            let Some(p) = partial.as_ref() else { break };
+            let body = match p.framing {
+                Framing::Length(n) if n > MAX_ANSWER_BODY => {
+                    discard = n;
+                    Some(None)
+                }
+                Framing::Length(n) if buf.len() >= n => Some(Some(buf.split_to(n).freeze())),
+                Framing::Length(_) | Framing::UntilEof => None,
+                Framing::Chunked => match decode_chunked(&buf) {
+                    Err(e) => return End { first: e },
+                    Ok(ChunkState::Incomplete(decoded)) if decoded > MAX_ANSWER_BODY => {
+                        let Some(p) = partial.take() else { break };
+                        shared.complete(Ok(RawAnswer {
+                            status: p.status,
+                            headers: p.headers,
+                            body: None,
+                        }));
+                        return End {
+                            first: PipeError::new(
+                                PipeErrorKind::NotSent,
+                                "closed after an oversized answer",
+                            ),
+                        };
+                    }
+                    Ok(ChunkState::Incomplete(_)) => None,
+                    Ok(ChunkState::Done { body, consumed }) => {
+                        buf.advance(consumed);
+                        Some((body.len() <= MAX_ANSWER_BODY).then_some(body))
+                    }
+                },
+            };
+            let Some(body) = body else { break };
+            let Some(p) = partial.take() else { break };
+            shared.complete(Ok(RawAnswer {
+                status: p.status,
+                headers: p.headers,
+                body,
+            }));
+            if p.close_after {
+                return End {
+                    first: PipeError::new(
+                        PipeErrorKind::NotSent,
+                        "the target closed the connection",
+                    ),
+                };
+            }
+        }
+        let front = shared.lock().front().map(|p| p.deadline);
+        if front != armed {
+            if let Some(d) = front {
+                sleep.as_mut().reset(d.into());
+            }
+            armed = front;
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 << 10);
+        }
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => {
+                    if matches!(partial.as_ref().map(|p| &p.framing), Some(Framing::UntilEof))
+                        && let Some(p) = partial.take()
+                    {
+                        let body = buf.split().freeze();
+                        shared.complete(Ok(RawAnswer {
+                            status: p.status,
+                            headers: p.headers,
+                            body: (body.len() <= MAX_ANSWER_BODY).then_some(body),
+                        }));
+                        return End { first: PipeError::new(PipeErrorKind::NotSent, "closed") };
+                    }
+                    // Cut mid-answer, or after the request was written (like
+                    // hyper's client: the target may have acted on it): Io.
+                    // Not written yet (the target closed an idle connection
+                    // as the request went out): send it again.
+                    let mid_answer = partial.is_some() || discard > 0 || !buf.is_empty();
+                    let kind = if mid_answer { PipeErrorKind::Io } else { shared.unanswered() };
+                    return End {
+                        first: PipeError::new(kind, "the target closed the connection before answering"),
+                    };
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return End { first: PipeError::new(PipeErrorKind::Io, format!("reading the answer: {e}")) };
+                }
+            },
+            () = &mut sleep, if armed.is_some() => {
+                return End { first: PipeError::new(PipeErrorKind::Timeout, "no answer in time") };
+            }
+        }
+    }
+}
+
+/// Parses an answer head at the start of `buf` (consuming it). `Ok(None)`:
+/// incomplete. `Ok(Some(None))`: an informational (1xx) answer was skipped.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Partial>>, PipeError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => {
+            return Err(PipeError::new(
+                PipeErrorKind::Io,
+                format!("invalid answer head: {e}"),
+            ));
+        }
+    };
+    let code = resp.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code)
+        .map_err(|_| PipeError::new(PipeErrorKind::Io, format!("invalid status {code}")))?;
+    let http10 = resp.version == Some(0);
+    let mut map = HeaderMap::with_capacity(resp.headers.len());
+    let mut length: Option<usize> = None;
+    let mut chunked = false;
+    let mut close_after = http10;
+    for h in resp.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+            continue;
+        };
+        if name == header::CONTENT_LENGTH {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| PipeError::new(PipeErrorKind::Io, "invalid Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(PipeError::new(
+                    PipeErrorKind::Io,
+                    "conflicting Content-Length",
+                ));
+            }
+            length = Some(n);
+            continue;
+        }
+        if name == header::TRANSFER_ENCODING {
+            chunked = h
+                .value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        }
+        if name == header::CONNECTION {
+            for token in h.value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close_after = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && http10 {
+                    close_after = false;
+                }
+            }
+        }
+        if let Ok(value) = HeaderValue::from_bytes(h.value) {
+            map.append(name, value);
+        }
+    }
+    buf.advance(len);
+    if status.is_informational() {
+        return Ok(Some(None));
+    }
+    crate::proxy_headers::strip_hop_by_hop(&mut map);
+    let framing = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        Framing::Length(0)
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        close_after = true;
+        Framing::UntilEof
+    };
+    Ok(Some(Some(Partial {
+        status,
+        headers: map,
+        framing,
+        close_after,
+    })))
+}
+
+enum ChunkState {
+    /// Not all there yet; the data bytes decoded so far.
+    Incomplete(usize),
+    Done {
+        body: Bytes,
+        consumed: usize,
+    },
+}
+
+/// Decodes a whole chunked body at the start of `buf` (trailers skipped).
+fn decode_chunked(buf: &[u8]) -> Result<ChunkState, PipeError> {
+    let mut pos = 0;
+    let mut body = BytesMut::new();
+    loop {
+        let size = match httparse::parse_chunk_size(&buf[pos..]) {
+            Ok(httparse::Status::Complete((n, size))) => {
+                pos += n;
+                usize::try_from(size)
+                    .map_err(|_| PipeError::new(PipeErrorKind::Io, "chunk too large"))?
+            }
+            Ok(httparse::Status::Partial) => return Ok(ChunkState::Incomplete(body.len())),
+            Err(_) => return Err(PipeError::new(PipeErrorKind::Io, "invalid chunk size")),
+        };
+        if size == 0 {
+            // Trailers, then an empty line.
+            loop {
+                let rest = &buf[pos..];
+                let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+                    return Ok(ChunkState::Incomplete(body.len()));
+                };
+                pos += eol + 2;
+                if eol == 0 {
+                    return Ok(ChunkState::Done {
+                        body: body.freeze(),
+                        consumed: pos,
+                    });
+                }
+            }
+        }
+        if buf.len() < pos + size + 2 {
+            return Ok(ChunkState::Incomplete(
+                body.len() + (buf.len() - pos).min(size),
+            ));
+        }
+        if body.len() <= MAX_ANSWER_BODY {
+            body.extend_from_slice(&buf[pos..pos + size]);
+        }
+        pos += size;
+        if &buf[pos..pos + 2] != b"\r\n" {
+            return Err(PipeError::new(PipeErrorKind::Io, "invalid chunk end"));
+        }
+        pos += 2;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_bodies_are_decoded_and_trailers_skipped() {
+        let raw = b"5\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\nNEXT";
+        match decode_chunked(raw).unwrap() {
+            ChunkState::Done { body, consumed } => {
+                assert_eq!(&body[..], b"hello world");
+                assert_eq!(&raw[consumed..], b"NEXT");
+            }
+            ChunkState::Incomplete(_) => panic!("incomplete"),
+        }
+        assert!(matches!(
+            decode_chunked(b"5\r\nhel").unwrap(),
+            ChunkState::Incomplete(3)
+        ));
+    }
+
+    #[test]
+    fn heads_give_framing_and_close() {
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\nx-a: b\r\n\r\nabc"[..],
+        );
+        let p = parse_head(&mut b).unwrap().unwrap().unwrap();
+        assert!(matches!(p.framing, Framing::Length(3)));
+        assert!(p.close_after);
+        assert!(p.headers.get("connection").is_none());
+        assert_eq!(p.headers["x-a"], "b");
+        assert_eq!(&b[..], b"abc");
+        let mut b =
+            BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"[..]);
+        assert!(parse_head(&mut b).unwrap().unwrap().is_none());
+        let p = parse_head(&mut b).unwrap().unwrap().unwrap();
+        assert_eq!(p.status, StatusCode::NO_CONTENT);
+        assert!(matches!(p.framing, Framing::Length(0)));
+    }
+}
