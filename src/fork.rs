@@ -488,7 +488,11 @@ async fn copy(
             let cfg = t.config();
             let attempt = match hold {
                 None => Some(t.send_live(&record, cfg.timeout).await),
+                // Biased: the send is polled first, so a copy whose answer is
+                // in when the active copy finishes never arms the
+                // secondary_wait timer.
                 Some((mut active_done, wait)) => tokio::select! {
+                    biased;
                     a = t.send_live(&record, cfg.timeout) => Some(a),
                     () = async {
                         let _ = active_done.wait_for(|done| *done).await;
