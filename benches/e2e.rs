@@ -2,7 +2,7 @@
 //! End to end: the release `forkd` binary (and nginx, when installed) between
 //! a hyper load generator and two sink processes on loopback.
 //!
-//! `cargo bench --bench e2e` runs everything (about 3–4 minutes with the
+//! `cargo bench --bench e2e` runs everything (about 6 minutes with the
 //! defaults); `cargo bench --bench e2e -- --help` lists the knobs. Without
 //! `--bench` on its command line (`cargo test --benches`, `cargo bench
 //! --no-run` then running the binary) it measures nothing and exits at once.
@@ -1840,7 +1840,13 @@ max_backoff = "250ms"
         let mut peak_inflight: f64 = 0.0;
         let mut timeline = Vec::new();
         let mut next_mark = Duration::ZERO;
+        // Peak RSS while the target stalls: read until half a second before
+        // the load ends (when every client goes away at once).
+        let mut hwm = 0;
         while start.elapsed() < Duration::from_secs(secs) {
+            if start.elapsed() + Duration::from_millis(500) < Duration::from_secs(secs) {
+                hwm = tree_status_kib(pid, "VmHWM:");
+            }
             if let Some(m) = p.admin.and_then(|a| http_get(a, "/metrics")) {
                 let inflight = metric(&m, "forkd_inflight_bytes");
                 peak_inflight = peak_inflight.max(inflight);
@@ -1874,8 +1880,12 @@ max_backoff = "250ms"
                 println!("  smaps {kib} KiB {m}");
             }
         }
-        let hwm = tree_status_kib(pid, "VmHWM:");
         let r = load.join().expect("load");
+        let hwm_teardown = tree_status_kib(pid, "VmHWM:");
+        println!(
+            "  peak RSS including the teardown (every client gone at once; bodies already sent are read as budget frees): {:.1} MiB",
+            hwm_teardown as f64 / 1024.0
+        );
         println!(
             "forkd, stalled target (timeout {timeout}): peak RSS {:.1} MiB (target <= {} MiB = max_inflight_bytes + 64 MiB); \
              peak forkd_inflight_bytes {:.1} MiB; answers in {secs} s: {:?}",
