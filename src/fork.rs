@@ -531,7 +531,7 @@ async fn copy(
     }
 }
 
-async fn spool_after_failure(t: &TargetRuntime, record: &Record) -> Outcome {
+async fn spool_after_failure(t: &TargetRuntime, record: &Arc<Record>) -> Outcome {
     match t.reserve_after_failure(record.encoded_len()) {
         Some(r) => spool(t, r, record).await,
         None => {
@@ -544,9 +544,9 @@ async fn spool_after_failure(t: &TargetRuntime, record: &Record) -> Outcome {
 async fn spool(
     t: &TargetRuntime,
     reservation: crate::spool::Reservation,
-    record: &Record,
+    record: &Arc<Record>,
 ) -> Outcome {
-    match t.append(reservation, record.clone()).await {
+    match t.append(reservation, Arc::clone(record)).await {
         Ok(()) => Outcome::Spooled,
         Err(_) => Outcome::Failed,
     }

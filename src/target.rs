@@ -596,7 +596,7 @@ impl TargetRuntime {
     pub async fn append(
         &self,
         reservation: Reservation,
-        record: crate::spool::Record,
+        record: Arc<crate::spool::Record>,
     ) -> Result<(), SpoolError> {
         let result = self.spool.append(reservation, record).await;
         match &result {

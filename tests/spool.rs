@@ -1857,7 +1857,47 @@ async fn concurrent_async_appends_from_many_tasks_all_complete_and_are_read_back
     }
     assert!(got.windows(2).all(|w| w[0].end <= w[1].lsn));
     assert_eq!(spool.stats().records, tasks * per_task);
+    // Under `always` a separate syncer thread pipelines the fsyncs only when
+    // the process may use more than one CPU.
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(
+        thread_names().iter().any(|n| n == "forkd-spool-syn"),
+        cpus > 1,
+        "syncer thread with {cpus} CPU(s)"
+    );
     spool.close();
+}
+
+/// Names of this process's threads (as the kernel keeps them: 15 bytes).
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim_end().to_owned())
+        .collect()
+}
+
+#[test]
+fn on_a_single_cpu_synced_appends_are_made_durable_by_the_writer_itself_and_all_complete() {
+    let _one = spawner();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    let first_cpu: String = allowed.chars().take_while(char::is_ascii_digit).collect();
+    let test =
+        "concurrent_async_appends_from_many_tasks_all_complete_and_are_read_back_exactly_once";
+    let out = run(Command::new("taskset")
+        .args(["-c", &first_cpu])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture"]))
+    .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "{text}");
 }
 
 #[test]

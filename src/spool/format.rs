@@ -193,6 +193,12 @@ impl Record {
 
     /// Checks that the record fits the format's length fields.
     pub fn check_encodable(&self) -> Result<(), &'static str> {
+        self.checked_encoded_len().map(|_| ())
+    }
+
+    /// [`Record::encoded_len`], once the record is known to fit the
+    /// format's length fields (one walk over the headers for both).
+    pub fn checked_encoded_len(&self) -> Result<u64, &'static str> {
         if self.method.as_str().len() > usize::from(u8::MAX) {
             return Err("method longer than 255 bytes");
         }
@@ -202,13 +208,14 @@ impl Record {
         if self.headers.len() > usize::from(u16::MAX) {
             return Err("more than 65535 headers");
         }
-        if self.payload_len() > MAX_PAYLOAD_LEN {
-            return Err("record larger than 4 GiB");
-        }
         if self.path_and_query.as_str().len() > u32::MAX as usize {
             return Err("path longer than 4 GiB");
         }
-        Ok(())
+        let payload_len = self.payload_len();
+        if payload_len > MAX_PAYLOAD_LEN {
+            return Err("record larger than 4 GiB");
+        }
+        Ok(FRAME_HEADER_LEN as u64 + payload_len)
     }
 
     /// Appends the whole frame (header and payload) to `out`.
@@ -216,9 +223,23 @@ impl Record {
     /// The caller must have checked [`Record::check_encodable`]; lengths that do
     /// not fit are saturated, which the CRC then exposes at read time.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        let payload_len = u32::try_from(self.payload_len()).unwrap_or(u32::MAX);
+        self.encode_head_into(out, self.encoded_len());
+        out.extend_from_slice(&self.body);
+    }
+
+    /// Appends the frame without its body bytes: the frame header and every
+    /// payload field up to and including the body's length prefix. The body
+    /// follows on disk as it is (the writer hands it to the kernel straight
+    /// from [`Record::body`]); the record CRC in the head already covers it.
+    ///
+    /// `encoded_len` is the record's [`Record::encoded_len`], computed once by
+    /// the caller. The caller must have checked [`Record::check_encodable`].
+    pub fn encode_head_into(&self, out: &mut Vec<u8>, encoded_len: u64) {
+        let payload_len =
+            u32::try_from(encoded_len.saturating_sub(FRAME_HEADER_LEN as u64)).unwrap_or(u32::MAX);
         let start = out.len();
-        out.reserve(FRAME_HEADER_LEN + payload_len as usize);
+        let head_len = (FRAME_HEADER_LEN + payload_len as usize).saturating_sub(self.body.len());
+        out.reserve(head_len);
         out.put_slice(&FRAME_MAGIC);
         out.put_u32_le(payload_len);
         let hcrc = crc32c::crc32c(&out[start..start + 8]);
@@ -240,11 +261,14 @@ impl Record {
             put_u16_prefixed(out, name.as_str().as_bytes());
             put_u32_prefixed(out, value.as_bytes());
         }
-        put_u32_prefixed(out, &self.body);
+        out.put_u32_le(u32::try_from(self.body.len()).unwrap_or(u32::MAX));
 
         let crc = crc32c::crc32c_append(
-            crc32c::crc32c(&out[start..start + 12]),
-            &out[payload_start..],
+            crc32c::crc32c_append(
+                crc32c::crc32c(&out[start..start + 12]),
+                &out[payload_start..],
+            ),
+            &self.body,
         );
         out[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
     }
@@ -403,6 +427,21 @@ mod tests {
         let mut out = Vec::new();
         rec.encode_into(&mut out);
         assert_eq!(out.len() as u64, rec.encoded_len());
+    }
+
+    #[test]
+    fn the_frame_head_followed_by_the_body_is_the_whole_frame() {
+        let rec = sample();
+        let len = rec.checked_encoded_len().unwrap();
+        assert_eq!(len, rec.encoded_len());
+        let mut head = Vec::new();
+        rec.encode_head_into(&mut head, len);
+        assert_eq!(head.len() + rec.body.len(), len as usize);
+        head.extend_from_slice(&rec.body);
+        let mut whole = Vec::new();
+        rec.encode_into(&mut whole);
+        assert_eq!(head, whole);
+        assert_eq!(decode_frame(&Bytes::from(head)).unwrap().0, rec);
     }
 
     #[test]

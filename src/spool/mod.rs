@@ -610,7 +610,8 @@ impl Spool {
         let writer = Writer {
             core: core.clone(),
             active: recovered.active,
-            buf: Vec::new(),
+            pos: None,
+            gather: writer::Gather::default(),
             unsynced_since: None,
             cursor_dirty_since: None,
             probe_at: None,
@@ -729,7 +730,7 @@ impl Spool {
     pub fn append(
         &self,
         reservation: Reservation,
-        record: Record,
+        record: impl Into<Arc<Record>>,
     ) -> impl Future<Output = Result<u64, SpoolError>> + Send + 'static {
         let rx = self.enqueue(reservation, record);
         async move {
@@ -743,7 +744,7 @@ impl Spool {
     pub fn append_blocking(
         &self,
         reservation: Reservation,
-        record: Record,
+        record: impl Into<Arc<Record>>,
     ) -> Result<u64, SpoolError> {
         let rx = self.enqueue(reservation, record)?;
         rx.blocking_recv()
@@ -753,10 +754,12 @@ impl Spool {
     fn enqueue(
         &self,
         mut reservation: Reservation,
-        record: Record,
+        record: impl Into<Arc<Record>>,
     ) -> Result<oneshot::Receiver<Result<u64, SpoolError>>, SpoolError> {
-        record.check_encodable().map_err(SpoolError::Unencodable)?;
-        let len = record.encoded_len();
+        let record: Arc<Record> = record.into();
+        let len = record
+            .checked_encoded_len()
+            .map_err(SpoolError::Unencodable)?;
         let core = self.core();
         let (reply, rx) = oneshot::channel();
         {
