@@ -60,6 +60,20 @@ pub(super) struct Append {
     pub reply: oneshot::Sender<Result<u64, SpoolError>>,
 }
 
+impl Append {
+    /// Lets go of the record, then gives the reply channel to answer on.
+    ///
+    /// The record goes first: once the caller has its answer it releases the
+    /// request's memory budget, so a body still held here after that would
+    /// be memory outside `max_inflight_bytes` for as long as this thread is
+    /// not scheduled (on one CPU, while the woken request path runs).
+    fn into_reply(self) -> oneshot::Sender<Result<u64, SpoolError>> {
+        let Append { record, reply, .. } = self;
+        drop(record);
+        reply
+    }
+}
+
 #[allow(clippy::large_enum_variant)] // appends are the common message; boxing costs an allocation each
 pub(super) enum Cmd {
     Append(Append),
@@ -266,7 +280,7 @@ fn complete(core: &Core, base: u64, seg_len: u64, group: Vec<(Append, u64)>) {
     });
     core.publish(entries, base, seg_len, base + seg_len);
     for (append, lsn) in group {
-        let _ = append.reply.send(Ok(lsn));
+        let _ = append.into_reply().send(Ok(lsn));
     }
 }
 
@@ -559,7 +573,7 @@ fn fail_all(core: &Core, appends: impl Iterator<Item = Append>, err: &SpoolError
         }
     }
     for append in appends {
-        let _ = append.reply.send(Err(err.duplicate()));
+        let _ = append.into_reply().send(Err(err.duplicate()));
     }
 }
 

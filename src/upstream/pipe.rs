@@ -298,6 +298,10 @@ struct Shared {
     pending: Mutex<VecDeque<Pending>>,
     /// How many of the pending requests, oldest first, are wholly written.
     written: AtomicUsize,
+    /// Signalled by the writer when it adds pending requests, so that the
+    /// reader, which may be waiting for bytes with no deadline armed, arms
+    /// the oldest request's deadline.
+    pending_added: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -353,6 +357,7 @@ async fn run(
         epoch,
         pending: Mutex::new(VecDeque::new()),
         written: AtomicUsize::new(0),
+        pending_added: tokio::sync::Notify::new(),
     };
     let stream = match tokio::time::timeout(connect_timeout, connect(&host, port)).await {
         Ok(Ok(s)) => Some(s),
@@ -484,6 +489,9 @@ async fn write_loop(
                 });
                 queued += 1;
             }
+        }
+        if queued > 0 {
+            shared.pending_added.notify_one();
         }
         while !out.is_empty() {
             let n = {
@@ -668,6 +676,8 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
             () = &mut sleep, if armed.is_some() => {
                 return End { first: PipeError::new(PipeErrorKind::Timeout, "no answer in time") };
             }
+            // New requests: arm the oldest one's deadline if none was.
+            () = shared.pending_added.notified() => {}
         }
     }
 }
@@ -830,6 +840,37 @@ mod tests {
             decode_chunked(b"5\r\nhel").unwrap(),
             ChunkState::Incomplete(3)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_target_never_answers_is_closed_at_the_deadline_and_lets_go_of_the_bodies()
+     {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // The target reads everything and never answers; it reports when
+        // forkd closes the connection.
+        let (closed_tx, closed_rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 64 << 10];
+            while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            let _ = closed_tx.send(());
+        });
+        let pipe = Pipe::new("127.0.0.1", port, Duration::from_secs(5));
+        let head =
+            Bytes::from_static(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 4096\r\n\r\n");
+        let body = Bytes::from(vec![b'x'; 4096]);
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let err = pipe.send(head, body.clone(), deadline).await.unwrap_err();
+        assert_eq!(err.kind, PipeErrorKind::Timeout);
+        // Before the fix the connection stayed open for good, holding what
+        // it had not written; bounded wait for the close.
+        tokio::time::timeout(Duration::from_secs(30), closed_rx)
+            .await
+            .expect("the connection was not closed after its request's deadline")
+            .unwrap();
+        assert!(body.is_unique(), "the pipe still holds the request body");
     }
 
     #[test]
