@@ -23,7 +23,9 @@
 //! Rows: direct to one sink (the ceiling), forkd single target, nginx proxy,
 //! forkd active-active, nginx mirror — repeated in `ROUNDS` paired rounds with
 //! per-round ratios — then forkd active-active with the backup down
-//! (spooling, `fsync = "always"`) beside fio with the same write pattern, the
+//! (spooling, `fsync = "always"`) beside fio with the clients' write pattern
+//! (K writers of S-byte records, fdatasync after each) and the spool's own
+//! (the bytes of one group commit per fdatasync), the
 //! drain after the outage under continuing live load, RSS with 1,000 idle
 //! keep-alive connections, and RSS with a stalled target.
 
