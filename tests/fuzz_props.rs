@@ -10,58 +10,17 @@ use std::time::{Duration, UNIX_EPOCH};
 use bytes::Bytes;
 use forkd::config::{Config, ConfigFormat};
 use forkd::spool::Record;
-use forkd::spool::fuzzing::{
-    FRAME_HEADER_LEN, FrameHeader, SegmentHeader, decode_frame, frame_header_bytes, scan_data,
-};
+use forkd::spool::fuzzing::{self, decode_frame, scan_data};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------- spool decoding
 
-/// True when the frame at the start of `buf` has a valid header and record CRC.
-fn verifies(buf: &[u8]) -> bool {
-    let Some(hdr_bytes) = frame_header_bytes(buf) else {
-        return false;
-    };
-    let Ok(hdr) = FrameHeader::decode(hdr_bytes) else {
-        return false;
-    };
-    let end = hdr.frame_len() as usize;
-    end <= buf.len() && hdr.verify(hdr_bytes, &buf[FRAME_HEADER_LEN..end]).is_ok()
-}
-
-/// Everything the scanner and the decoder may be asked about `data`.
+/// The fuzz target's checks (`forkd::spool::fuzzing::check_decoders`), as a
+/// proptest failure.
 fn check_decoders(base: u64, data: &[u8]) -> Result<(), TestCaseError> {
-    let _ = SegmentHeader::decode(data);
-    if let Ok((record, len)) = decode_frame(&Bytes::copy_from_slice(data)) {
-        prop_assert!(len as usize <= data.len());
-        prop_assert!(verifies(data), "decoded a frame whose CRC does not verify");
-        prop_assert_eq!(len, record.encoded_len());
-    }
-    for verify in [true, false] {
-        let scan = scan_data(base, data, verify);
-        prop_assert!(scan.valid_len <= scan.data_len);
-        prop_assert_eq!(scan.data_len, data.len() as u64);
-        let mut next = base;
-        for r in &scan.records {
-            prop_assert!(r.lsn >= next, "records overlap or go backwards");
-            let at = (r.lsn - base) as usize;
-            let end = at + r.len as usize;
-            prop_assert!(end <= data.len());
-            if verify {
-                prop_assert!(
-                    verifies(&data[at..end]),
-                    "the scanner returned a record whose CRC does not verify"
-                );
-            }
-            next = r.lsn + r.len;
-        }
-        for &(lsn, len) in &scan.corrupt {
-            prop_assert!(lsn >= base && lsn - base + len <= data.len() as u64);
-        }
-    }
-    Ok(())
+    fuzzing::check_decoders(base, data).map_err(TestCaseError::fail)
 }
 
 fn arb_record() -> impl Strategy<Value = Record> {

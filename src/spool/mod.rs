@@ -127,13 +127,7 @@ use writer::{Active, Append, Cmd, Writer};
 /// The pure decoding functions of the on-disk format, for fuzzing and
 /// property tests: they take bytes and touch no file. Not a stable API.
 #[doc(hidden)]
-pub mod fuzzing {
-    pub use super::format::{
-        FRAME_HEADER_LEN, FrameHeader, SEGMENT_HEADER_LEN, SegmentHeader, decode_frame,
-        decode_payload, frame_header_bytes,
-    };
-    pub use super::scan::{FoundRecord, SegmentScan, Tail, parse_segment_name, scan_data};
-}
+pub mod fuzzing;
 
 /// Smallest segment the spool will make when it shrinks segments to fit a small `max_size`.
 pub const MIN_SEGMENT_SIZE: u64 = 64 << 10;
@@ -385,7 +379,11 @@ struct State {
     dropped_full: u64,
     dropped_newest: u64,
     dropped_corrupt: u64,
-    write_error: Option<String>,
+    /// The last write or sync failure and the log end when it happened.
+    /// Records published later and ending beyond that position were written
+    /// after it and clear it; records written before it (a pipelined sync
+    /// finishing late) do not.
+    write_error: Option<(u64, String)>,
     nudged: bool,
     closed: bool,
 }
@@ -475,7 +473,9 @@ impl Core {
             }
             st.end = end;
             st.segments.insert(base, seg_len);
-            st.write_error = None;
+            if st.write_error.as_ref().is_some_and(|(at, _)| end > *at) {
+                st.write_error = None;
+            }
         }
         self.committed.send_replace(end);
     }
@@ -488,8 +488,16 @@ impl Core {
         self.lock().write_error.is_some()
     }
 
-    fn set_write_error(&self, error: Option<String>) {
-        self.lock().write_error = error;
+    /// Records a write or sync failure at log position `at` (the log end
+    /// when the failed write would have started, or the end of the failed
+    /// sync's data).
+    fn write_failed(&self, at: u64, error: String) {
+        self.lock().write_error = Some((at, error));
+    }
+
+    /// The spool can be written again (the writability probe succeeded).
+    fn write_recovered(&self) {
+        self.lock().write_error = None;
     }
 
     fn release(&self, bytes: u64) {
@@ -845,7 +853,7 @@ impl Spool {
             dropped_full: st.dropped_full,
             dropped_newest: st.dropped_newest,
             dropped_corrupt: st.dropped_corrupt,
-            write_error: st.write_error.clone(),
+            write_error: st.write_error.as_ref().map(|(_, e)| e.clone()),
             rejected,
         }
     }

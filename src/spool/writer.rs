@@ -262,7 +262,8 @@ fn sync_and_complete(core: &Core, jobs: Vec<SyncJob>) {
             }
         }
         Some(err) => {
-            core.set_write_error(Some(err.to_string()));
+            let at = jobs.iter().map(|j| j.base + j.seg_len).max().unwrap_or(0);
+            core.write_failed(at, err.to_string());
             tracing::warn!(dir = %core.dir.display(), error = %err, "spool sync failed");
             for job in jobs {
                 fail_all(core, job.group.into_iter().map(|(a, _)| a), &err);
@@ -375,7 +376,8 @@ impl Writer {
                 if let Err(e) = result {
                     // A segment that cannot be created is a write error too.
                     self.failed_len = append.len;
-                    self.core.set_write_error(Some(e.to_string()));
+                    self.core
+                        .write_failed(self.active.base + self.active.len, e.to_string());
                     fail_all(&self.core, std::iter::once(append).chain(rest), &e);
                     return;
                 }
@@ -409,7 +411,8 @@ impl Writer {
             self.pos = None;
             self.failed_len = self.gather.len();
             let err = SpoolError::io("append to", &self.segment_path(self.active.base), e);
-            self.core.set_write_error(Some(err.to_string()));
+            self.core
+                .write_failed(self.active.base + self.active.len, err.to_string());
             fail_all(&self.core, group.drain(..).map(|(a, _)| a), &err);
             self.gather.clear();
             return Err(err);
@@ -517,7 +520,7 @@ impl Writer {
         let _ = fs::remove_file(&path);
         if result.is_ok() {
             tracing::info!(dir = %self.core.dir.display(), "spool can be written again");
-            self.core.set_write_error(None);
+            self.core.write_recovered();
         }
     }
 
@@ -623,6 +626,34 @@ mod tests {
             headers: HeaderMap::new(),
             body: Bytes::from(vec![b'a' + (id % 26) as u8; body_len]),
         }
+    }
+
+    #[test]
+    fn a_sync_that_completes_after_a_later_write_failed_leaves_the_spool_not_writable() {
+        use crate::spool::{Spool, SpoolOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().join("t"), SpoolOptions::default()).unwrap();
+        let append = |id| {
+            let r = record(id, 100);
+            let res = spool.try_reserve(r.encoded_len()).unwrap();
+            spool.append_blocking(res, r).unwrap()
+        };
+        append(1);
+        let core = spool.core().clone();
+        let end = spool.stats().bytes;
+        // The next write, at the log end, fails (a full disk)...
+        core.write_failed(end, "disk full".into());
+        // ...while a group written before it completes its sync late (the
+        // pipelined syncer): that says nothing about the disk now.
+        core.publish(std::iter::empty(), 0, end, end);
+        assert!(
+            spool.stats().write_error.is_some(),
+            "an older sync cleared the error of a newer write"
+        );
+        // A group written after the failure did reach the disk.
+        append(2);
+        assert_eq!(spool.stats().write_error, None);
+        spool.close();
     }
 
     #[test]
