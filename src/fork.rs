@@ -354,8 +354,8 @@ impl Fork {
         }
         let active = routing.active.as_str();
         if selected.len() == 1 {
-            // One target (active-passive, or a single target): no watch
-            // channel, no join of copies.
+            // One target (active-passive, or a single target): no join of
+            // copies.
             let outcome = copy(selected[0], Arc::new(record), admissions.remove(0), None).await;
             return self.answer(cfg, &selected, active, vec![outcome]);
         }
@@ -364,7 +364,7 @@ impl Fork {
             (cfg.raw.routing.mode == Mode::ActiveActive).then_some(cfg.raw.routing.secondary_wait);
         // Non-active copies may hold the answer back at most `secondary_wait`
         // after the active copy has its outcome.
-        let (active_done, active_done_rx) = tokio::sync::watch::channel(false);
+        let active_done = ActiveDone::default();
         let active_done = &active_done;
         let copies = selected.iter().zip(admissions).map(|(t, admission)| {
             let record = record.clone();
@@ -372,12 +372,12 @@ impl Fork {
             let hold = if is_active {
                 None
             } else {
-                secondary_wait.map(|w| (active_done_rx.clone(), w))
+                secondary_wait.map(|w| (active_done, w))
             };
             async move {
                 let outcome = copy(t, record, admission, hold).await;
                 if is_active {
-                    active_done.send_replace(true);
+                    active_done.set();
                 }
                 outcome
             }
@@ -467,6 +467,36 @@ impl Fork {
     }
 }
 
+/// Set when the active target's copy of a request has its outcome; the other
+/// copies then have `secondary_wait` left. Lives in the request's future
+/// (no allocation, unlike a channel).
+#[derive(Default)]
+struct ActiveDone {
+    done: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl ActiveDone {
+    fn set(&self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the flag is read, so a `set` in between
+            // is not missed.
+            notified.as_mut().enable();
+            if self.done.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// One target's copy: live with fallback to the spool, or straight to the spool.
 ///
 /// `hold` (active-active, non-active target): the copy is abandoned and spooled
@@ -475,7 +505,7 @@ async fn copy(
     t: &TargetRuntime,
     record: Arc<Record>,
     admission: Admission,
-    hold: Option<(tokio::sync::watch::Receiver<bool>, Duration)>,
+    hold: Option<(&ActiveDone, Duration)>,
 ) -> Outcome {
     match admission {
         Admission::Full => Outcome::Failed,
@@ -491,11 +521,11 @@ async fn copy(
                 // Biased: the send is polled first, so a copy whose answer is
                 // in when the active copy finishes never arms the
                 // secondary_wait timer.
-                Some((mut active_done, wait)) => tokio::select! {
+                Some((active_done, wait)) => tokio::select! {
                     biased;
                     a = t.send_live(&record, cfg.timeout) => Some(a),
                     () = async {
-                        let _ = active_done.wait_for(|done| *done).await;
+                        active_done.wait().await;
                         tokio::time::sleep(wait).await;
                     } => None,
                 },
@@ -558,7 +588,7 @@ fn relay(a: Answer) -> Resp {
     };
     let mut r = Response::new(Full::new(body));
     *r.status_mut() = a.status;
-    *r.headers_mut() = a.headers;
+    *r.headers_mut() = a.headers.into_map();
     r
 }
 

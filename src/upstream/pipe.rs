@@ -90,11 +90,14 @@ impl PipeError {
     }
 }
 
-/// An answer as received (hop-by-hop headers and Content-Length removed).
+/// An answer as received.
 #[derive(Debug)]
 pub struct RawAnswer {
     pub status: StatusCode,
-    pub headers: HeaderMap,
+    /// The answer's head (status line and header lines) as received and
+    /// validated; [`head_headers`] makes the end-to-end header map from it,
+    /// only for an answer that is relayed to a client.
+    pub head: Bytes,
     /// `None` when the body was larger than [`MAX_ANSWER_BODY`].
     pub body: Option<Bytes>,
 }
@@ -537,7 +540,7 @@ enum Framing {
 /// An answer whose head is parsed and whose body is being read.
 struct Partial {
     status: StatusCode,
-    headers: HeaderMap,
+    head: Bytes,
     framing: Framing,
     close_after: bool,
 }
@@ -601,7 +604,7 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
                         let Some(p) = partial.take() else { break };
                         shared.complete(Ok(RawAnswer {
                             status: p.status,
-                            headers: p.headers,
+                            head: p.head,
                             body: None,
                         }));
                         return End {
@@ -622,7 +625,7 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
             let Some(p) = partial.take() else { break };
             shared.complete(Ok(RawAnswer {
                 status: p.status,
-                headers: p.headers,
+                head: p.head,
                 body,
             }));
             if p.close_after {
@@ -653,7 +656,7 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
                         let body = buf.split().freeze();
                         shared.complete(Ok(RawAnswer {
                             status: p.status,
-                            headers: p.headers,
+                            head: p.head,
                             body: (body.len() <= MAX_ANSWER_BODY).then_some(body),
                         }));
                         return End { first: PipeError::new(PipeErrorKind::NotSent, "closed") };
@@ -677,7 +680,7 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
                 return End { first: PipeError::new(PipeErrorKind::Timeout, "no answer in time") };
             }
             // New requests: arm the oldest one's deadline if none was.
-            () = shared.pending_added.notified() => {}
+            () = shared.pending_added.notified(), if armed.is_none() => {}
         }
     }
 }
@@ -701,15 +704,14 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Partial>>, PipeError> 
     let status = StatusCode::from_u16(code)
         .map_err(|_| PipeError::new(PipeErrorKind::Io, format!("invalid status {code}")))?;
     let http10 = resp.version == Some(0);
-    let mut map = HeaderMap::with_capacity(resp.headers.len());
     let mut length: Option<usize> = None;
     let mut chunked = false;
     let mut close_after = http10;
+    // Only the framing headers matter here (names compared as bytes: no
+    // HeaderName is made for headers that are skipped).
     for h in resp.headers.iter() {
-        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
-            continue;
-        };
-        if name == header::CONTENT_LENGTH {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
             let n = std::str::from_utf8(h.value)
                 .ok()
                 .and_then(|s| s.trim().parse::<usize>().ok())
@@ -723,14 +725,14 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Partial>>, PipeError> 
             length = Some(n);
             continue;
         }
-        if name == header::TRANSFER_ENCODING {
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
             chunked = h
                 .value
                 .rsplit(|b| *b == b',')
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         }
-        if name == header::CONNECTION {
+        if name.eq_ignore_ascii_case(b"connection") {
             for token in h.value.split(|b| *b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
@@ -740,15 +742,14 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Partial>>, PipeError> 
                 }
             }
         }
-        if let Ok(value) = HeaderValue::from_bytes(h.value) {
-            map.append(name, value);
-        }
     }
-    buf.advance(len);
     if status.is_informational() {
+        buf.advance(len);
         return Ok(Some(None));
     }
-    crate::proxy_headers::strip_hop_by_hop(&mut map);
+    // Kept as received (no copy); a header map is made from it only if the
+    // answer is relayed (in active-active, one answer of two is not).
+    let head = buf.split_to(len).freeze();
     let framing = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         Framing::Length(0)
     } else if chunked {
@@ -761,10 +762,47 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Partial>>, PipeError> 
     };
     Ok(Some(Some(Partial {
         status,
-        headers: map,
+        head,
         framing,
         close_after,
     })))
+}
+
+/// The end-to-end headers of an answer head that [`parse_head`] accepted:
+/// every header but Content-Length, the hop-by-hop ones and those named in
+/// `Connection`. Values are slices of `head` (no copy).
+pub fn head_headers(head: &Bytes) -> HeaderMap {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    if !matches!(resp.parse(head), Ok(httparse::Status::Complete(_))) {
+        return HeaderMap::new();
+    }
+    let mut named = Vec::new();
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("connection") {
+            named.extend(
+                h.value
+                    .split(|b| *b == b',')
+                    .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok()),
+            );
+        }
+    }
+    let mut map = HeaderMap::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+            continue;
+        };
+        if name == header::CONTENT_LENGTH
+            || crate::proxy_headers::is_hop_by_hop(&name)
+            || named.contains(&name)
+        {
+            continue;
+        }
+        if let Ok(value) = HeaderValue::from_maybe_shared(head.slice_ref(h.value)) {
+            map.append(name, value);
+        }
+    }
+    map
 }
 
 enum ChunkState {
@@ -874,6 +912,20 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_head_gives_its_end_to_end_headers_only() {
+        let head = Bytes::from_static(
+            b"HTTP/1.1 503 Service Unavailable\r\nConnection: x-hop, keep-alive\r\n\
+              X-Hop: 1\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\n\
+              Retry-After: 7\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 0\r\n\r\n",
+        );
+        let h = head_headers(&head);
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert_eq!(h["retry-after"], "7");
+        let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+    }
+
+    #[test]
     fn heads_give_framing_and_close() {
         let mut b = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\nx-a: b\r\n\r\nabc"[..],
@@ -881,8 +933,10 @@ mod tests {
         let p = parse_head(&mut b).unwrap().unwrap().unwrap();
         assert!(matches!(p.framing, Framing::Length(3)));
         assert!(p.close_after);
-        assert!(p.headers.get("connection").is_none());
-        assert_eq!(p.headers["x-a"], "b");
+        let headers = head_headers(&p.head);
+        assert!(headers.get("connection").is_none());
+        assert!(headers.get("content-length").is_none());
+        assert_eq!(headers["x-a"], "b");
         assert_eq!(&b[..], b"abc");
         let mut b =
             BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"[..]);
