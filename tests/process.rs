@@ -5,12 +5,15 @@
 //! the `forkd started` log line; every wait polls with a deadline.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+mod common;
+mod harness;
 
 use forkd::sink::{Behavior, Sink, SinkBuilder};
 use forkd::spool::{FsyncPolicy, Spool, SpoolOptions, WhenFull};
@@ -132,62 +135,19 @@ struct Daemon {
 impl Daemon {
     /// Starts `forkd run --config PATH` and waits for `forkd started`.
     fn start(config: &Path) -> Daemon {
-        let mut child = forkd()
-            .args(["run", "--config"])
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        {
-            let lines = stderr.clone();
-            let pipe = child.stderr.take().unwrap();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
-                    lines.lock().unwrap().push(line);
-                }
-            });
-        }
-        let until = Instant::now() + DEADLINE;
-        let (addr, admin) = loop {
-            let started = stderr
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains("forkd started"))
-                .cloned();
-            if let Some(line) = started {
-                break (
-                    field(&line, "addr").unwrap_or_else(|| panic!("no addr in {line:?}")),
-                    field(&line, "admin_addr")
-                        .unwrap_or_else(|| panic!("no admin_addr in {line:?}")),
-                );
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                // Let the reader thread catch the last lines.
-                std::thread::sleep(Duration::from_millis(100));
-                panic!(
-                    "forkd exited with {status} before starting:\n{}",
-                    stderr.lock().unwrap().join("\n")
-                );
-            }
-            if Instant::now() > until {
-                let _ = child.kill();
-                panic!(
-                    "forkd did not start:\n{}",
-                    stderr.lock().unwrap().join("\n")
-                );
-            }
-            std::thread::sleep(TICK);
-        };
+        let mut cmd = forkd();
+        cmd.args(["run", "--config"]).arg(config);
+        let harness::Started {
+            child,
+            stderr,
+            addr,
+            admin,
+        } = harness::spawn_started(cmd);
         Daemon {
             child,
             stderr,
-            addr: addr.parse().unwrap(),
-            admin: admin.parse().unwrap(),
+            addr,
+            admin,
         }
     }
 
@@ -241,14 +201,6 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
     }
-}
-
-/// `key=value` from a text-format log line.
-fn field(line: &str, key: &str) -> Option<String> {
-    let prefix = format!("{key}=");
-    line.split_whitespace()
-        .find_map(|tok| tok.strip_prefix(&prefix))
-        .map(|v| v.trim_matches('"').to_owned())
 }
 
 struct Response {

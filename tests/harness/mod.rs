@@ -180,62 +180,18 @@ impl Forkd {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd
-            .args(["run", "--config"])
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        {
-            let lines = stderr.clone();
-            let pipe = child.stderr.take().unwrap();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
-                    lines.lock().unwrap().push(line);
-                }
-            });
-        }
-        let until = Instant::now() + DEADLINE;
-        let (addr, admin) = loop {
-            let started = stderr
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains("forkd started"))
-                .cloned();
-            if let Some(line) = started {
-                break (
-                    field(&line, "addr").unwrap_or_else(|| panic!("no addr in {line:?}")),
-                    field(&line, "admin_addr")
-                        .unwrap_or_else(|| panic!("no admin_addr in {line:?}")),
-                );
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                // Let the reader thread catch the last lines.
-                std::thread::sleep(Duration::from_millis(200));
-                panic!(
-                    "forkd exited with {status} before starting:\n{}",
-                    stderr.lock().unwrap().join("\n")
-                );
-            }
-            if Instant::now() > until {
-                let _ = child.kill();
-                panic!(
-                    "forkd did not start:\n{}",
-                    stderr.lock().unwrap().join("\n")
-                );
-            }
-            std::thread::sleep(TICK);
-        };
+        cmd.args(["run", "--config"]).arg(config);
+        let Started {
+            child,
+            stderr,
+            addr,
+            admin,
+        } = spawn_started(cmd);
         Forkd {
             child,
             stderr,
-            addr: addr.parse().unwrap(),
-            admin: admin.parse().unwrap(),
+            addr,
+            admin,
         }
     }
 
@@ -337,6 +293,75 @@ impl Drop for Forkd {
 pub fn assert_no_panic(stderr: &str) {
     for needle in ["panicked", "stack backtrace", "RUST_BACKTRACE"] {
         assert!(!stderr.contains(needle), "forkd stderr:\n{stderr}");
+    }
+}
+
+/// A `forkd run` child that logged `forkd started`.
+pub struct Started {
+    pub child: Child,
+    /// Its stderr, line by line, collected by a thread.
+    pub stderr: Arc<Mutex<Vec<String>>>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Spawns `cmd` (a `forkd run ...`), collects its stderr and waits until it
+/// logs `forkd started`; the addresses are read from that line. Panics with
+/// the stderr when forkd exits first or does not start within [`DEADLINE`].
+pub fn spawn_started(mut cmd: Command) -> Started {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    {
+        let lines = stderr.clone();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+    let until = Instant::now() + DEADLINE;
+    let (addr, admin) = loop {
+        let started = stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("forkd started"))
+            .cloned();
+        if let Some(line) = started {
+            break (
+                field(&line, "addr").unwrap_or_else(|| panic!("no addr in {line:?}")),
+                field(&line, "admin_addr").unwrap_or_else(|| panic!("no admin_addr in {line:?}")),
+            );
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            // Let the reader thread catch the last lines.
+            std::thread::sleep(Duration::from_millis(200));
+            panic!(
+                "forkd exited with {status} before starting:\n{}",
+                stderr.lock().unwrap().join("\n")
+            );
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!(
+                "forkd did not start:\n{}",
+                stderr.lock().unwrap().join("\n")
+            );
+        }
+        std::thread::sleep(TICK);
+    };
+    Started {
+        child,
+        stderr,
+        addr: addr.parse().unwrap(),
+        admin: admin.parse().unwrap(),
     }
 }
 
