@@ -1452,61 +1452,40 @@ max_backoff = "250ms"
                 .collect()
         };
         println!();
-        for (label, x, y, f, target) in [
+        let rps: fn(&Row) -> f64 = |r| r.rps;
+        let cpu: fn(&Row) -> f64 = |r| r.cpu_us_per_req;
+        // (row, row it is compared with, the measure, its name, the target)
+        for (x, y, f, what, target) in [
+            ("forkd-aa", "nginx-mirror", rps, "req/s", ">= 1.50"),
             (
-                "forkd-aa / nginx-mirror req/s",
                 "forkd-aa",
                 "nginx-mirror",
-                (|r: &Row| r.rps) as fn(&Row) -> f64,
-                ">= 1.50",
-            ),
-            (
-                "forkd-aa / nginx-mirror CPU per request",
-                "forkd-aa",
-                "nginx-mirror",
-                |r: &Row| r.cpu_us_per_req,
+                cpu,
+                "CPU per request",
                 "<= 0.67",
             ),
+            ("forkd-single", "nginx-proxy", rps, "req/s", ">= 1.00"),
             (
-                "forkd-single / nginx-proxy req/s",
                 "forkd-single",
                 "nginx-proxy",
-                |r: &Row| r.rps,
-                ">= 1.00",
-            ),
-            (
-                "forkd-single / nginx-proxy CPU per request",
-                "forkd-single",
-                "nginx-proxy",
-                |r: &Row| r.cpu_us_per_req,
+                cpu,
+                "CPU per request",
                 "(info)",
             ),
+            ("forkd-aa", "nginx-proxy", cpu, "CPU per request", "(info)"),
+            ("forkd-single", "direct", rps, "req/s", "(info)"),
             (
-                "forkd-aa / nginx-proxy CPU per request",
-                "forkd-aa",
-                "nginx-proxy",
-                |r: &Row| r.cpu_us_per_req,
-                "(info)",
-            ),
-            (
-                "forkd-single / direct req/s",
-                "forkd-single",
-                "direct",
-                |r: &Row| r.rps,
-                "(info)",
-            ),
-            (
-                "forkd-aa / baseline-aa CPU per request",
                 "forkd-aa",
                 "base-aa",
-                |r: &Row| r.cpu_us_per_req,
+                cpu,
+                "CPU per request",
                 "(before/after)",
             ),
             (
-                "forkd-single / baseline-single CPU per request",
                 "forkd-single",
                 "base-single",
-                |r: &Row| r.cpu_us_per_req,
+                cpu,
+                "CPU per request",
                 "(before/after)",
             ),
         ] {
@@ -1514,6 +1493,7 @@ max_backoff = "250ms"
             if v.is_empty() {
                 continue;
             }
+            let label = format!("{x} / {} {what}", y.replace("base-", "baseline-"));
             let per_round: Vec<String> = v.iter().map(|x| format!("{x:.2}")).collect();
             println!(
                 "ratio {label}: median {:.2} (rounds: {}) target {target}",
