@@ -320,11 +320,13 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
     #[test]
-    fn every_spec_series_of_a_new_target_is_exported_at_zero() {
-        let m = Metrics::new().unwrap();
+    fn every_spec_series_of_a_new_target_is_exported_at_zero() -> TestResult {
+        let m = Metrics::new()?;
         m.add_target("primary");
-        let text = String::from_utf8(m.render().unwrap()).unwrap();
+        let text = String::from_utf8(m.render()?)?;
         for line in [
             "forkd_target_requests_total{result=\"spooled\",target=\"primary\"} 0",
             "forkd_target_attempt_failures_total{reason=\"tls\",target=\"primary\"} 0",
@@ -341,10 +343,11 @@ mod tests {
             env!("CARGO_PKG_VERSION")
         )));
         m.remove_target("primary");
-        let text = String::from_utf8(m.render().unwrap()).unwrap();
+        let text = String::from_utf8(m.render()?)?;
         assert!(
             !text.contains("target=\"primary\""),
             "series left after removal:\n{text}"
         );
+        Ok(())
     }
 }

@@ -268,8 +268,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 mod tests {
     use super::*;
 
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
     #[tokio::test]
-    async fn the_first_bytes_are_read_and_replayed_in_order() {
+    async fn the_first_bytes_are_read_and_replayed_in_order() -> TestResult {
         for sent in [
             &b"POST / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
             b"PRI * HTTP/1.1\r\n",
@@ -278,27 +280,26 @@ mod tests {
             b"",
         ] {
             let (mut client, server) = tokio::io::duplex(64);
-            tokio::io::AsyncWriteExt::write_all(&mut client, sent)
-                .await
-                .unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut client, sent).await?;
             drop(client);
-            let mut p = with_preface(server, Duration::from_secs(5)).await.unwrap();
+            let mut p = with_preface(server, Duration::from_secs(5)).await?;
             let mut all = Vec::new();
-            p.read_to_end(&mut all).await.unwrap();
+            p.read_to_end(&mut all).await?;
             assert_eq!(all, sent, "every byte is replayed, in order");
         }
+        Ok(())
     }
 
     #[tokio::test]
-    async fn a_client_that_sends_nothing_or_half_a_preface_is_refused_after_the_timeout() {
+    async fn a_client_that_sends_nothing_or_half_a_preface_is_refused_after_the_timeout()
+    -> TestResult {
         for sent in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
             let (mut client, server) = tokio::io::duplex(64);
-            tokio::io::AsyncWriteExt::write_all(&mut client, sent)
-                .await
-                .unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut client, sent).await?;
             let r = with_preface(server, Duration::from_millis(50)).await;
             assert!(r.is_err(), "{sent:?}");
             drop(client);
         }
+        Ok(())
     }
 }

@@ -595,8 +595,10 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
     #[test]
-    fn client_addresses_are_written_as_their_usual_text() {
+    fn client_addresses_are_written_as_their_usual_text() -> TestResult {
         for ip in [
             "10.0.255.1",
             "0.0.0.0",
@@ -605,17 +607,18 @@ mod tests {
             "2001:db8::8a2e:370:7334",
         ] {
             let mut out = String::new();
-            super::push_ip(&mut out, ip.parse().unwrap());
+            super::push_ip(&mut out, ip.parse()?);
             assert_eq!(out, ip);
         }
+        Ok(())
     }
 
     use super::*;
     use crate::config::parse_target_url;
 
-    fn target(url: &str) -> Target {
-        let (base, query) = parse_target_url(url).unwrap();
-        Target {
+    fn target(url: &str) -> Result<Target, Box<dyn std::error::Error>> {
+        let (base, query) = parse_target_url(url)?;
+        Ok(Target {
             name: "t".into(),
             base,
             query,
@@ -628,39 +631,43 @@ mod tests {
             spool: Default::default(),
             when_full: None,
             drain_concurrency: 1,
-        }
+        })
     }
 
     #[test]
-    fn the_request_path_is_appended_and_target_query_parameters_replace_the_clients() {
-        let t = target("http://h:1/ingest/?sig=SECRET&sv=2");
-        let pq = "/v1/logs?sig=client&x=1".parse().unwrap();
+    fn the_request_path_is_appended_and_target_query_parameters_replace_the_clients() -> TestResult
+    {
+        let t = target("http://h:1/ingest/?sig=SECRET&sv=2")?;
+        let pq = "/v1/logs?sig=client&x=1".parse()?;
         assert_eq!(
-            join_uri(&t, &pq).unwrap().to_string(),
+            join_uri(&t, &pq)?.to_string(),
             "http://h:1/ingest/v1/logs?x=1&sig=SECRET&sv=2"
         );
-        let t = target("http://h:1");
+        let t = target("http://h:1")?;
         assert_eq!(
-            join_uri(&t, &"/a?b".parse().unwrap()).unwrap().to_string(),
+            join_uri(&t, &"/a?b".parse()?)?.to_string(),
             "http://h:1/a?b"
         );
+        Ok(())
     }
 
     #[test]
-    fn retry_after_takes_seconds_and_http_dates() {
+    fn retry_after_takes_seconds_and_http_dates() -> TestResult {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
         let mut h = HeaderMap::new();
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
         assert_eq!(retry_after(&h, now), Some(Duration::from_secs(7)));
         let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        h.insert(header::RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
+        h.insert(header::RETRY_AFTER, HeaderValue::from_str(&later)?);
         assert_eq!(retry_after(&h, now), Some(Duration::from_secs(30)));
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h, now), None);
+        Ok(())
     }
 
     #[test]
-    fn x_forwarded_for_is_appended_and_credentials_and_hop_by_hop_headers_are_dropped() {
+    fn x_forwarded_for_is_appended_and_credentials_and_hop_by_hop_headers_are_dropped() -> TestResult
+    {
         let mut h = HeaderMap::new();
         h.insert(
             header::AUTHORIZATION,
@@ -673,11 +680,18 @@ mod tests {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        let out = end_to_end_headers(h, Some("127.0.0.1".parse().unwrap()));
-        assert_eq!(out.get(&X_FORWARDED_FOR).unwrap(), "10.0.0.1, 127.0.0.1");
+        let out = end_to_end_headers(h, Some("127.0.0.1".parse()?));
+        assert_eq!(
+            out.get(&X_FORWARDED_FOR).ok_or("no X-Forwarded-For")?,
+            "10.0.0.1, 127.0.0.1"
+        );
         assert!(out.get(header::AUTHORIZATION).is_none());
         assert!(out.get(header::CONNECTION).is_none());
         assert!(out.get(header::HOST).is_none());
-        assert_eq!(out.get(header::CONTENT_TYPE).unwrap(), "application/json");
+        assert_eq!(
+            out.get(header::CONTENT_TYPE).ok_or("no Content-Type")?,
+            "application/json"
+        );
+        Ok(())
     }
 }

@@ -403,6 +403,8 @@ impl<'a> Cursor<'a> {
 mod tests {
     use super::*;
 
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
     fn sample() -> Record {
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -430,9 +432,9 @@ mod tests {
     }
 
     #[test]
-    fn the_frame_head_followed_by_the_body_is_the_whole_frame() {
+    fn the_frame_head_followed_by_the_body_is_the_whole_frame() -> TestResult {
         let rec = sample();
-        let len = rec.checked_encoded_len().unwrap();
+        let len = rec.checked_encoded_len()?;
         assert_eq!(len, rec.encoded_len());
         let mut head = Vec::new();
         rec.encode_head_into(&mut head, len);
@@ -441,17 +443,19 @@ mod tests {
         let mut whole = Vec::new();
         rec.encode_into(&mut whole);
         assert_eq!(head, whole);
-        assert_eq!(decode_frame(&Bytes::from(head)).unwrap().0, rec);
+        assert_eq!(decode_frame(&Bytes::from(head))?.0, rec);
+        Ok(())
     }
 
     #[test]
-    fn a_frame_decodes_back_to_the_same_record() {
+    fn a_frame_decodes_back_to_the_same_record() -> TestResult {
         let rec = sample();
         let mut out = Vec::new();
         rec.encode_into(&mut out);
-        let (back, len) = decode_frame(&Bytes::from(out)).unwrap();
+        let (back, len) = decode_frame(&Bytes::from(out))?;
         assert_eq!(back, rec);
         assert_eq!(len, rec.encoded_len());
+        Ok(())
     }
 
     #[test]
@@ -472,10 +476,10 @@ mod tests {
     }
 
     #[test]
-    fn a_segment_header_round_trips_and_rejects_damage() {
+    fn a_segment_header_round_trips_and_rejects_damage() -> TestResult {
         let h = SegmentHeader { base: 123_456 };
         let enc = h.encode();
-        assert_eq!(SegmentHeader::decode(&enc).unwrap(), h);
+        assert_eq!(SegmentHeader::decode(&enc)?, h);
         for i in 0..enc.len() {
             let mut bad = enc;
             bad[i] ^= 0x40;
@@ -484,5 +488,6 @@ mod tests {
                 "damage at byte {i} went unnoticed"
             );
         }
+        Ok(())
     }
 }

@@ -617,28 +617,31 @@ mod tests {
     use http::{HeaderMap, Method};
     use std::time::UNIX_EPOCH;
 
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
     fn record(id: usize, body_len: usize) -> Record {
         Record {
             accepted_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + id as u64),
             request_id: format!("req-{id}"),
             method: Method::POST,
-            path_and_query: format!("/v1/logs?n={id}").parse().unwrap(),
+            path_and_query: http::uri::PathAndQuery::from_static("/v1/logs?n=1"),
             headers: HeaderMap::new(),
             body: Bytes::from(vec![b'a' + (id % 26) as u8; body_len]),
         }
     }
 
     #[test]
-    fn a_sync_that_completes_after_a_later_write_failed_leaves_the_spool_not_writable() {
+    fn a_sync_that_completes_after_a_later_write_failed_leaves_the_spool_not_writable() -> TestResult
+    {
         use crate::spool::{Spool, SpoolOptions};
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path().join("t"), SpoolOptions::default()).unwrap();
-        let append = |id| {
+        let dir = tempfile::tempdir()?;
+        let spool = Spool::open(dir.path().join("t"), SpoolOptions::default())?;
+        let append = |id| -> Result<u64, Box<dyn std::error::Error>> {
             let r = record(id, 100);
-            let res = spool.try_reserve(r.encoded_len()).unwrap();
-            spool.append_blocking(res, r).unwrap()
+            let res = spool.try_reserve(r.encoded_len())?;
+            Ok(spool.append_blocking(res, r)?)
         };
-        append(1);
+        append(1)?;
         let core = spool.core().clone();
         let end = spool.stats().bytes;
         // The next write, at the log end, fails (a full disk)...
@@ -651,13 +654,14 @@ mod tests {
             "an older sync cleared the error of a newer write"
         );
         // A group written after the failure did reach the disk.
-        append(2);
+        append(2)?;
         assert_eq!(spool.stats().write_error, None);
         spool.close();
+        Ok(())
     }
 
     #[test]
-    fn a_group_of_more_frames_than_one_writev_takes_is_written_whole_and_in_order() {
+    fn a_group_of_more_frames_than_one_writev_takes_is_written_whole_and_in_order() -> TestResult {
         // Long and short bodies alternate, so the group needs far more than
         // MAX_IOVECS slices, and both sides of GATHER_MIN_BODY are covered.
         let sizes = [
@@ -676,17 +680,17 @@ mod tests {
         }
         let expected: u64 = records.iter().map(Record::encoded_len).sum();
         assert_eq!(gather.len(), expected);
-        let file = tempfile::tempfile().unwrap();
-        (&file).seek(SeekFrom::Start(7)).unwrap();
-        gather.write_to(&file).unwrap();
+        let file = tempfile::tempfile()?;
+        (&file).seek(SeekFrom::Start(7))?;
+        gather.write_to(&file)?;
 
         let mut bytes = Vec::new();
-        (&file).seek(SeekFrom::Start(0)).unwrap();
-        io::Read::read_to_end(&mut &file, &mut bytes).unwrap();
+        (&file).seek(SeekFrom::Start(0))?;
+        io::Read::read_to_end(&mut &file, &mut bytes)?;
         assert_eq!(bytes.len() as u64, 7 + expected);
         let mut rest = Bytes::from(bytes).slice(7..);
         for r in &records {
-            let (back, len) = decode_frame(&rest).unwrap();
+            let (back, len) = decode_frame(&rest)?;
             assert_eq!(&back, r);
             rest = rest.slice(len as usize..);
         }
@@ -695,5 +699,6 @@ mod tests {
         gather.clear();
         assert_eq!(gather.len(), 0);
         assert!(gather.bodies.is_empty(), "a cleared group holds no bodies");
+        Ok(())
     }
 }

@@ -75,7 +75,8 @@ pub enum PipeErrorKind {
     NotSent,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{kind:?}: {detail}")]
 pub struct PipeError {
     pub kind: PipeErrorKind,
     pub detail: String,
@@ -878,35 +879,37 @@ fn decode_chunked(buf: &[u8]) -> Result<ChunkState, PipeError> {
 mod tests {
     use super::*;
 
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
     #[test]
-    fn chunked_bodies_are_decoded_and_trailers_skipped() {
+    fn chunked_bodies_are_decoded_and_trailers_skipped() -> TestResult {
         let raw = b"5\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\nNEXT";
-        match decode_chunked(raw).unwrap() {
-            ChunkState::Done { body, consumed } => {
-                assert_eq!(&body[..], b"hello world");
-                assert_eq!(&raw[consumed..], b"NEXT");
-            }
-            ChunkState::Incomplete(_) => panic!("incomplete"),
-        }
+        let ChunkState::Done { body, consumed } = decode_chunked(raw)? else {
+            return Err("a complete chunked body was reported incomplete".into());
+        };
+        assert_eq!(&body[..], b"hello world");
+        assert_eq!(&raw[consumed..], b"NEXT");
         assert!(matches!(
-            decode_chunked(b"5\r\nhel").unwrap(),
+            decode_chunked(b"5\r\nhel")?,
             ChunkState::Incomplete(3)
         ));
+        Ok(())
     }
 
     #[tokio::test]
     async fn a_connection_whose_target_never_answers_is_closed_at_the_deadline_and_lets_go_of_the_bodies()
-     {
+    -> TestResult {
         use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
         // The target reads everything and never answers; it reports when
         // forkd closes the connection.
         let (closed_tx, closed_rx) = oneshot::channel();
         tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = vec![0u8; 64 << 10];
-            while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            if let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 64 << 10];
+                while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            }
             let _ = closed_tx.send(());
         });
         let pipe = Pipe::new("127.0.0.1", port, Duration::from_secs(5));
@@ -914,23 +917,23 @@ mod tests {
             Bytes::from_static(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 4096\r\n\r\n");
         let body = Bytes::from(vec![b'x'; 4096]);
         let deadline = Instant::now() + Duration::from_millis(200);
-        let err = pipe.send(head, body.clone(), deadline).await.unwrap_err();
-        assert_eq!(err.kind, PipeErrorKind::Timeout);
+        let answer = pipe.send(head, body.clone(), deadline).await;
+        assert_eq!(answer.err().map(|e| e.kind), Some(PipeErrorKind::Timeout));
         // Before the fix the connection stayed open for good, holding what
         // it had not written; bounded wait for the close.
         tokio::time::timeout(Duration::from_secs(30), closed_rx)
             .await
-            .expect("the connection was not closed after its request's deadline")
-            .unwrap();
+            .map_err(|_| "the connection was not closed after its request's deadline")??;
         assert!(body.is_unique(), "the pipe still holds the request body");
+        Ok(())
     }
 
     #[tokio::test]
     async fn requests_pipelined_behind_one_that_is_never_answered_are_all_answered_without_a_caller_timer()
-     {
+    -> TestResult {
         use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
         tokio::spawn(async move {
             loop {
                 let Ok((mut s, _)) = listener.accept().await else {
@@ -954,17 +957,21 @@ mod tests {
         let results =
             tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(sends))
                 .await
-                .expect("a request was never answered");
+                .map_err(|_| "a request was never answered")?;
         // Each one is answered: Timeout once its deadline passed, or NotSent
         // when its connection closed before (the caller sends it again).
-        let kinds: Vec<PipeErrorKind> = results.into_iter().map(|r| r.unwrap_err().kind).collect();
-        assert_eq!(kinds[0], PipeErrorKind::Timeout);
+        let kinds: Vec<Option<PipeErrorKind>> = results
+            .into_iter()
+            .map(|r| r.err().map(|e| e.kind))
+            .collect();
+        assert_eq!(kinds[0], Some(PipeErrorKind::Timeout));
         assert!(
             kinds
                 .iter()
-                .all(|k| matches!(k, PipeErrorKind::Timeout | PipeErrorKind::NotSent)),
+                .all(|k| matches!(k, Some(PipeErrorKind::Timeout | PipeErrorKind::NotSent))),
             "{kinds:?}"
         );
+        Ok(())
     }
 
     #[test]
@@ -982,11 +989,11 @@ mod tests {
     }
 
     #[test]
-    fn heads_give_framing_and_close() {
+    fn heads_give_framing_and_close() -> TestResult {
         let mut b = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\nx-a: b\r\n\r\nabc"[..],
         );
-        let p = parse_head(&mut b).unwrap().unwrap().unwrap();
+        let p = parse_head(&mut b)?.flatten().ok_or("no head parsed")?;
         assert!(matches!(p.framing, Framing::Length(3)));
         assert!(p.close_after);
         let headers = head_headers(&p.head);
@@ -996,9 +1003,13 @@ mod tests {
         assert_eq!(&b[..], b"abc");
         let mut b =
             BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"[..]);
-        assert!(parse_head(&mut b).unwrap().unwrap().is_none());
-        let p = parse_head(&mut b).unwrap().unwrap().unwrap();
+        assert!(
+            matches!(parse_head(&mut b)?, Some(None)),
+            "100 Continue is skipped"
+        );
+        let p = parse_head(&mut b)?.flatten().ok_or("no head parsed")?;
         assert_eq!(p.status, StatusCode::NO_CONTENT);
         assert!(matches!(p.framing, Framing::Length(0)));
+        Ok(())
     }
 }
