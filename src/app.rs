@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -24,6 +25,10 @@ use crate::target::TargetRuntime;
 
 /// File under `buffer.dir` that keeps an admin switch across reloads and restarts.
 pub const ROUTING_STATE_FILE: &str = "routing.state";
+
+/// At shutdown, how long requests whose live sends were given up get to
+/// spool their copies before the spools close.
+const SPOOL_AT_SHUTDOWN: Duration = Duration::from_secs(10);
 
 /// Errors that stop forkd from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -210,37 +215,53 @@ impl Control {
                 tracing::warn!(key, "changed; takes effect when forkd restarts");
             }
         }
-        match (&self.tls, &config.raw.server.tls) {
-            (Some(source), Some(t)) => source.set(crate::tls::server_config(t)?),
-            (None, None) => {}
-            _ => tracing::warn!(
-                key = "server.tls",
-                "turning TLS on or off takes effect when forkd restarts"
-            ),
-        }
+        // Everything that can fail comes first: the new TLS config and the
+        // new targets' spools. Only then is anything changed, so a refused
+        // reload leaves every running target as it was.
+        let new_tls = match (&self.tls, &config.raw.server.tls) {
+            (Some(_), Some(t)) => Some(crate::tls::server_config(t)?),
+            (None, None) => None,
+            _ => {
+                tracing::warn!(
+                    key = "server.tls",
+                    "turning TLS on or off takes effect when forkd restarts"
+                );
+                None
+            }
+        };
         let mut runtimes = self.runtimes();
-        let mut opened = Vec::new();
+        let mut opened: Vec<Arc<TargetRuntime>> = Vec::new();
+        for t in config
+            .targets
+            .iter()
+            .filter(|t| !runtimes.contains_key(&t.name))
+        {
+            match open_target(&config, t, &self.metrics).await {
+                Ok(rt) => opened.push(rt),
+                Err(e) => {
+                    let spools: Vec<Spool> = opened.iter().map(|rt| rt.spool.clone()).collect();
+                    for rt in opened {
+                        rt.forget_metrics();
+                    }
+                    let _ = tokio::task::spawn_blocking(move || {
+                        spools.into_iter().for_each(Spool::close)
+                    })
+                    .await;
+                    return Err(e.to_string());
+                }
+            }
+        }
+        if let (Some(source), Some(tls)) = (&self.tls, new_tls) {
+            source.set(tls);
+        }
         for t in &config.targets {
             if let Some(rt) = runtimes.get(&t.name) {
                 rt.reconfigure(t.clone(), config.raw.retry.clone());
-            } else {
-                match open_target(&config, t, &self.metrics).await {
-                    Ok(rt) => {
-                        rt.start();
-                        opened.push(t.name.clone());
-                        runtimes.insert(t.name.clone(), rt);
-                    }
-                    Err(e) => {
-                        for name in opened {
-                            if let Some(rt) = runtimes.remove(&name) {
-                                rt.stop().await;
-                                rt.forget_metrics();
-                            }
-                        }
-                        return Err(e.to_string());
-                    }
-                }
             }
+        }
+        for rt in opened {
+            rt.start();
+            runtimes.insert(rt.name.clone(), rt);
         }
         let removed: Vec<String> = runtimes
             .keys()
@@ -345,6 +366,7 @@ impl Control {
                     "buffer_records": stats.records,
                     "oldest_record_age_seconds": age,
                     "url": t.config().display_url(),
+                    "next_attempt_in_seconds": t.next_attempt_in().map(|d| d.as_secs()),
                 }),
             );
         }
@@ -354,6 +376,39 @@ impl Control {
             "active_source": routing.active_source.as_str(),
             "targets": targets,
         })
+    }
+
+    /// Shutdown, once the listener's bound has passed: requests still
+    /// waiting for a target give up their live sends and spool those copies
+    /// (SPEC.md "Shutdown"). Waits for them up to [`SPOOL_AT_SHUTDOWN`].
+    async fn finish_in_flight(&self) {
+        if self.fork.in_flight() == 0 {
+            return;
+        }
+        tracing::warn!(
+            requests = self.fork.in_flight(),
+            "shutdown_timeout passed with requests in flight; spooling their undelivered copies"
+        );
+        for rt in self.runtimes().values() {
+            rt.abandon_live();
+        }
+        let until = tokio::time::Instant::now() + SPOOL_AT_SHUTDOWN;
+        while self.fork.in_flight() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Let the connections write the answers just made (graceful
+        // shutdown closes each after its answer).
+        let until = tokio::time::Instant::now() + Duration::from_secs(1);
+        while self.metrics.connections.get() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if self.fork.in_flight() > 0 {
+            tracing::error!(
+                requests = self.fork.in_flight(),
+                "requests still in flight after spooling for {}s; closing anyway",
+                SPOOL_AT_SHUTDOWN.as_secs()
+            );
+        }
     }
 
     async fn close_all(&self) {
@@ -579,6 +634,7 @@ pub async fn start_on(
         tokio::spawn(async move {
             let _ = main.await;
             control.ready.store(false, Ordering::Release);
+            control.finish_in_flight().await;
             let _ = admin.await;
             control.close_all().await;
             tracing::info!("forkd stopped");

@@ -8,6 +8,7 @@
 //! 6. the answer.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -103,6 +104,24 @@ pub struct Fork {
     routing: RwLock<Arc<Routing>>,
     budget: Budget,
     metrics: Metrics,
+    /// Requests being forked (shutdown waits for them to be sent or spooled).
+    in_flight: AtomicUsize,
+}
+
+/// Counts a request in [`Fork::in_flight`] while it lives, dropped or not.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Fork {
@@ -129,6 +148,7 @@ impl Fork {
             routing: RwLock::new(routing),
             budget: Budget::new(max_inflight_bytes),
             metrics,
+            in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -147,6 +167,12 @@ impl Fork {
             t.apply_role(t.name == routing.active);
         }
         *self.routing.write().unwrap_or_else(|p| p.into_inner()) = routing;
+    }
+
+    /// Requests whose body is read and whose copies are being sent or
+    /// spooled now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
     }
 
     /// Handles one client request and counts the answer.
@@ -336,6 +362,7 @@ impl Fork {
 
     /// Admission, dispatch and the answer for a request whose body is read.
     async fn fork(&self, record: Record, routing: &Routing) -> Resp {
+        let _counted = InFlight::enter(&self.in_flight);
         let cfg = &routing.config;
         let selected: Vec<&Arc<TargetRuntime>> = routing.selected().collect();
         if selected.is_empty() {
@@ -548,12 +575,17 @@ async fn copy(
                     t.mark_backlog();
                     spool_after_failure(t, &record).await
                 }
-                Some(Attempt::Transient { reason, detail, .. }) => {
+                Some(Attempt::Transient {
+                    reason,
+                    detail,
+                    retry_after,
+                    ..
+                }) => {
                     tracing::info!(
                         target = %t.name, request_id = %record.request_id,
                         reason = reason.as_str(), %detail, "live send failed; spooling"
                     );
-                    t.mark_down();
+                    t.mark_down(retry_after);
                     spool_after_failure(t, &record).await
                 }
             }

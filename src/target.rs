@@ -14,7 +14,7 @@
 //! requires that no reservation is outstanding, so no request can overtake a
 //! record that is about to be spooled.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -73,6 +73,15 @@ pub struct TargetRuntime {
     /// Spool counters already added to the metrics (they are cumulative in the spool).
     seen_dropped_full: AtomicU64,
     seen_dropped_corrupt: AtomicU64,
+    /// A live send failed since the worker last looked: the worker backs
+    /// off before it probes, honouring the `Retry-After` it carried.
+    live_failure: Mutex<Option<Option<Duration>>>,
+    /// When the worker's pause ends, while it backs off (for `/status`).
+    next_attempt: Mutex<Option<Instant>>,
+    /// Set at shutdown once its bound has passed: live sends still waiting
+    /// are given up (and their copies spooled), new ones fail at once.
+    abandoned: AtomicBool,
+    abandon: tokio::sync::Notify,
     /// Wakes the worker on config change or shutdown.
     stop: watch::Sender<bool>,
     worker: Mutex<Option<JoinHandle<()>>>,
@@ -117,6 +126,10 @@ impl TargetRuntime {
             metrics,
             seen_dropped_full: AtomicU64::new(0),
             seen_dropped_corrupt: AtomicU64::new(0),
+            live_failure: Mutex::new(None),
+            next_attempt: Mutex::new(None),
+            abandoned: AtomicBool::new(false),
+            abandon: tokio::sync::Notify::new(),
             stop,
             worker: Mutex::new(None),
         });
@@ -240,9 +253,25 @@ impl TargetRuntime {
         }
     }
 
-    /// Marks the target down after a transient live failure.
-    pub fn mark_down(&self) {
+    /// Marks the target down after a transient live failure. The worker's
+    /// first probe then waits a backoff too, and at least `retry_after` (up
+    /// to `max_backoff`) when the target sent one: SPEC, "Target states".
+    pub fn mark_down(&self, retry_after: Option<Duration>) {
+        {
+            let mut slot = self.live_failure.lock().unwrap_or_else(|p| p.into_inner());
+            let after = match (*slot).flatten() {
+                Some(prev) => Some(retry_after.map_or(prev, |a| a.max(prev))),
+                None => retry_after,
+            };
+            *slot = Some(after);
+        }
         self.set_state(State::Down);
+    }
+
+    /// Seconds until the worker's next attempt while it backs off.
+    pub fn next_attempt_in(&self) -> Option<Duration> {
+        let at = (*self.next_attempt.lock().unwrap_or_else(|p| p.into_inner()))?;
+        Some(at.saturating_duration_since(Instant::now()))
     }
 
     /// Marks a backlog behind an up target (a copy abandoned by `secondary_wait`).
@@ -270,8 +299,29 @@ impl TargetRuntime {
             Some(pipe) => upstream::send_pipelined(&pipe, cfg, record, deadline).await,
             None => {
                 let client = self.client();
-                upstream::send(&client, cfg, record, deadline).await
+                let abandoned = self.abandon.notified();
+                tokio::pin!(abandoned);
+                // Registered before the flag is read: an abandon in
+                // between is not missed.
+                abandoned.as_mut().enable();
+                if self.abandoned.load(Ordering::Acquire) {
+                    return abandoned_attempt();
+                }
+                tokio::select! {
+                    a = upstream::send(&client, cfg, record, deadline) => a,
+                    () = abandoned => abandoned_attempt(),
+                }
             }
+        }
+    }
+
+    /// Gives up the live sends still waiting (shutdown, past its bound):
+    /// each fails as a transient `io` failure, so its copy is spooled.
+    pub fn abandon_live(&self) {
+        self.abandoned.store(true, Ordering::Release);
+        self.abandon.notify_waiters();
+        if let Some(pipe) = self.pipe() {
+            pipe.abandon();
         }
     }
 
@@ -405,6 +455,15 @@ impl TargetRuntime {
         loop {
             if *stop.borrow() {
                 return;
+            }
+            let live = self
+                .live_failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(after) = live {
+                failures = failures.max(1);
+                retry_after = retry_after.max(after);
             }
             // Back off before reading, so that what is replayed after the
             // pause is read then (records evicted meanwhile are not sent) and
@@ -572,24 +631,19 @@ impl TargetRuntime {
     /// target is honoured up to `max_backoff`.
     fn backoff(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
         let retry = self.retry.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let exp = failures.saturating_sub(1).min(32);
-        let cap = retry
-            .initial_backoff
-            .saturating_mul(1u32 << exp.min(31))
-            .min(retry.max_backoff);
-        let jittered = cap.mul_f64(crate::rand::unit());
-        match retry_after {
-            Some(after) => after.min(retry.max_backoff).max(jittered),
-            None => jittered,
-        }
+        backoff_delay(&retry, failures, retry_after, crate::rand::unit())
     }
 
     /// Sleeps for `delay` unless stopped; true when stopped. A config change ends the pause early.
     async fn pause(&self, stop: &mut watch::Receiver<bool>, delay: Duration) -> bool {
-        tokio::select! {
+        *self.next_attempt.lock().unwrap_or_else(|p| p.into_inner()) =
+            Instant::now().checked_add(delay);
+        let stopped = tokio::select! {
             _ = tokio::time::sleep(delay) => false,
             _ = stop.changed() => *stop.borrow(),
-        }
+        };
+        *self.next_attempt.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        stopped
     }
 
     /// Appends an admitted copy within its reservation; maps errors for the answer.
@@ -663,10 +717,94 @@ struct ReplayOutcome {
     failure: Option<Option<Duration>>,
 }
 
+/// The pause before attempt `failures + 1`: a uniform draw (`unit` in
+/// `[0, 1)`) below `initial_backoff × 2^(failures-1)`, capped at
+/// `max_backoff`; at least the target's `Retry-After`, itself capped at
+/// `max_backoff`.
+fn backoff_delay(
+    retry: &RetryConfig,
+    failures: u32,
+    retry_after: Option<Duration>,
+    unit: f64,
+) -> Duration {
+    let exp = failures.saturating_sub(1).min(31);
+    let cap = retry
+        .initial_backoff
+        .saturating_mul(1u32 << exp)
+        .min(retry.max_backoff);
+    let jittered = cap.mul_f64(unit.clamp(0.0, 1.0));
+    match retry_after {
+        Some(after) => after.min(retry.max_backoff).max(jittered),
+        None => jittered,
+    }
+}
+
+fn abandoned_attempt() -> Attempt {
+    Attempt::Transient {
+        reason: upstream::FailureReason::Io,
+        retry_after: None,
+        answer: None,
+        detail: "abandoned at shutdown".into(),
+    }
+}
+
 async fn wait_stop(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry(initial_ms: u64, max_ms: u64) -> RetryConfig {
+        RetryConfig {
+            initial_backoff: Duration::from_millis(initial_ms),
+            max_backoff: Duration::from_millis(max_ms),
+        }
+    }
+
+    #[test]
+    fn the_backoff_ceiling_doubles_with_each_failure_up_to_max_backoff() {
+        let r = retry(100, 30_000);
+        let ceiling = |failures| backoff_delay(&r, failures, None, 1.0).as_millis();
+        let got: Vec<u128> = (1..=11).map(ceiling).collect();
+        assert_eq!(
+            got,
+            [
+                100, 200, 400, 800, 1600, 3200, 6400, 12_800, 25_600, 30_000, 30_000
+            ]
+        );
+        assert_eq!(ceiling(u32::MAX), 30_000, "no overflow after many failures");
+    }
+
+    #[test]
+    fn the_backoff_is_a_uniform_draw_below_its_ceiling() {
+        let r = retry(100, 30_000);
+        assert_eq!(backoff_delay(&r, 4, None, 0.0), Duration::ZERO);
+        assert_eq!(backoff_delay(&r, 4, None, 0.5), Duration::from_millis(400));
+        let draws: Vec<Duration> = (0..2000)
+            .map(|_| backoff_delay(&r, 4, None, crate::rand::unit()))
+            .collect();
+        let ceiling = Duration::from_millis(800);
+        assert!(draws.iter().all(|d| *d < ceiling));
+        assert!(draws.iter().any(|d| *d < ceiling / 4), "no short pauses");
+        assert!(draws.iter().any(|d| *d > ceiling * 3 / 4), "no long pauses");
+    }
+
+    #[test]
+    fn a_retry_after_is_honoured_up_to_max_backoff() {
+        let r = retry(100, 60_000);
+        let at_least =
+            |after_s, unit| backoff_delay(&r, 1, Some(Duration::from_secs(after_s)), unit);
+        assert_eq!(at_least(30, 0.0), Duration::from_secs(30));
+        assert_eq!(at_least(30, 1.0), Duration::from_secs(30));
+        assert_eq!(at_least(600, 0.0), Duration::from_secs(60), "capped");
+        // A long own backoff is not shortened by a short Retry-After.
+        let late = backoff_delay(&r, 12, Some(Duration::from_secs(1)), 1.0);
+        assert_eq!(late, Duration::from_secs(60));
+    }
 }

@@ -484,7 +484,9 @@ pub async fn send_pipelined(
                         humantime::format_duration(deadline)
                     ),
                 ),
-                PipeErrorKind::Io | PipeErrorKind::NotSent => (FailureReason::Io, e.detail),
+                PipeErrorKind::Io | PipeErrorKind::NotSent | PipeErrorKind::Abandoned => {
+                    (FailureReason::Io, e.detail)
+                }
             },
         };
         return Attempt::Transient {

@@ -7,7 +7,11 @@
 //!   URL, outcomes and the answer, h2c, auth tokens);
 //! - `delivery`: Durability, Order, Duplicates and "Target states";
 //! - `switching`: "Switching and reload", and "Shutdown";
-//! - `admin`: "Admin endpoints" and "Metrics".
+//! - `admin`: "Admin endpoints" and "Metrics";
+//! - `contract`: promises across those sections not covered above
+//!   (`secondary_wait` bounding the client's wait, the oldest-record age,
+//!   the in-flight budget of chunked bodies, the gauges while draining, the
+//!   mode of `routing.state`).
 //!
 //! No sleep is used to synchronise and nothing asserts a duration: tests poll
 //! for a condition with a deadline (`common::wait_for`).
@@ -17,6 +21,8 @@ mod common;
 
 #[path = "daemon/admin.rs"]
 mod admin;
+#[path = "daemon/contract.rs"]
+mod contract;
 #[path = "daemon/delivery.rs"]
 mod delivery;
 #[path = "daemon/request.rs"]

@@ -361,6 +361,140 @@ max_backoff = "200ms"
 /// A URL nothing listens on (for targets that are never reached).
 const NOWHERE: &str = "http://127.0.0.1:9";
 
+/// A `forkd run` child whose stderr lines are collected by a thread, for
+/// tests that cannot wait for a text-format `forkd started` line.
+struct Collected {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Collected {
+    fn spawn(mut cmd: Command) -> Collected {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let reader = {
+            let lines = lines.clone();
+            let pipe = child.stderr.take().unwrap();
+            std::thread::spawn(move || {
+                for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)) {
+                    let Ok(line) = line else { break };
+                    lines.lock().unwrap().push(line);
+                }
+            })
+        };
+        Collected {
+            child,
+            lines,
+            reader,
+        }
+    }
+
+    /// Waits for a stderr line that satisfies `pred`; fails if forkd exits first.
+    fn wait_line(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        eventually(what, || {
+            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| pred(l)) {
+                return Some(l.clone());
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "forkd exited with {status} before {what}:\n{}",
+                    self.lines.lock().unwrap().join("\n")
+                );
+            }
+            None
+        })
+    }
+
+    /// Sends `sig`, waits for the exit and for the last stderr line; returns
+    /// the exit status and every stderr line.
+    fn stop(mut self, sig: &str) -> (ExitStatus, Vec<String>) {
+        signal(self.child.id(), sig);
+        let status = wait_exit(&mut self.child, DEADLINE);
+        // The pipe closes when forkd exits: the reader has every line then.
+        self.reader.join().unwrap();
+        let lines = std::mem::take(&mut *self.lines.lock().unwrap());
+        (status, lines)
+    }
+}
+
+/// A target that holds its first request until told to answer: it reports
+/// the request's arrival on `arrived` and answers 200 once `release` is sent
+/// (or dropped).
+struct GatedTarget {
+    url: String,
+    arrived: std::sync::mpsc::Receiver<()>,
+    release: std::sync::mpsc::Sender<()>,
+}
+
+fn gated_target() -> GatedTarget {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (arrived_tx, arrived) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16 << 10];
+        let mut read_more = |buf: &mut Vec<u8>| match s.read(&mut chunk) {
+            Ok(n) if n > 0 => {
+                buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+            _ => false,
+        };
+        let head_end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            if !read_more(&mut buf) {
+                return;
+            }
+        };
+        let head = text(&buf[..head_end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + len {
+            if !read_more(&mut buf) {
+                return;
+            }
+        }
+        let _ = arrived_tx.send(());
+        let _ = release_rx.recv();
+        let _ =
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n");
+    });
+    GatedTarget {
+        url,
+        arrived,
+        release,
+    }
+}
+
+/// One request on a new connection: its status, or `None` when the
+/// connection is refused, or reset or closed before an answer.
+fn try_http(addr: SocketAddr, method: &str, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(DEADLINE)).ok()?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    text(&raw).split_whitespace().nth(1)?.parse().ok()
+}
+
 // ---------------------------------------------------------------- command line
 
 #[test]
@@ -591,6 +725,147 @@ fn run_on_an_address_in_use_exits_1_with_one_line() {
     assert!(lines[0].contains(&port.to_string()), "{stderr}");
 }
 
+#[test]
+fn run_with_the_short_flag_c_serves_and_reloads_like_config() {
+    let rt = runtime();
+    let primary = sink(&rt);
+    let backup = sink(&rt);
+    let s = Setup::new();
+    let path = s.write(&s.config("active-active", "primary", &primary.url(), &backup.url()));
+    let mut cmd = forkd();
+    cmd.args(["run", "-c"]).arg(&path);
+    let harness::Started {
+        child,
+        stderr,
+        addr,
+        admin,
+    } = harness::spawn_started(cmd);
+    let mut d = Daemon {
+        child,
+        stderr,
+        addr,
+        admin,
+    };
+
+    let r = d.post("short-flag", b"via -c");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert_eq!(text(&primary.delivered()[0].body), "via -c");
+    assert_eq!(text(&backup.delivered()[0].body), "via -c");
+    let st = d.status();
+    assert_eq!(st["mode"], "active-active");
+    assert_eq!(st["active"], "primary");
+
+    // SIGHUP re-reads the file given with -c.
+    s.write(&s.config("active-passive", "backup", &primary.url(), &backup.url()));
+    d.signal("HUP");
+    eventually("the reloaded config in /status", || {
+        let st = d.status();
+        (st["mode"] == "active-passive" && st["active"] == "backup").then_some(())
+    });
+
+    d.signal("TERM");
+    assert_eq!(d.wait().code(), Some(0), "{}", d.stderr());
+    assert_no_panic(&d.stderr());
+}
+
+#[test]
+fn with_log_format_json_every_stderr_line_is_a_json_object_with_level_and_message() {
+    let rt = runtime();
+    let primary = sink(&rt);
+    let s = Setup::new();
+    let config = s
+        .config("active-active", "primary", &primary.url(), NOWHERE)
+        .replace("format = \"text\"", "format = \"json\"");
+    let path = s.write(&config);
+    let mut cmd = forkd();
+    cmd.args(["run", "--config"]).arg(&path);
+    let mut c = Collected::spawn(cmd);
+    let started = c.wait_line("the forkd started line", |l| l.contains("forkd started"));
+    let started: serde_json::Value = serde_json::from_str(&started)
+        .unwrap_or_else(|e| panic!("the start line is not JSON ({e}): {started}"));
+    let addr: SocketAddr = started["addr"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no addr field: {started}"))
+        .parse()
+        .unwrap();
+
+    // A request, with the backup unreachable: more events (state changes).
+    let r = http(
+        addr,
+        "POST",
+        "/ingest",
+        &[("X-Request-Id", "json-log")],
+        b"x",
+    );
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    eventually("the primary's copy", || {
+        (primary.delivered().len() == 1).then_some(())
+    });
+
+    let (status, lines) = c.stop("TERM");
+    let all = lines.join("\n");
+    assert_eq!(status.code(), Some(0), "{all}");
+    assert!(lines.len() >= 2, "{all}");
+    let mut messages = Vec::new();
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("a stderr line is not JSON ({e}): {line}"));
+        assert!(v.is_object(), "not a JSON object: {line}");
+        let level = v["level"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no level: {line}"));
+        assert!(
+            ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"]
+                .contains(&level.to_ascii_uppercase().as_str()),
+            "level {level:?}: {line}"
+        );
+        let message = v["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no message: {line}"));
+        messages.push(message.to_owned());
+    }
+    for want in ["forkd started", "forkd stopped"] {
+        assert!(messages.iter().any(|m| m == want), "no {want:?} in:\n{all}");
+    }
+    assert_no_panic(&all);
+}
+
+#[test]
+fn log_level_warn_shows_warnings_and_suppresses_the_info_start_line() {
+    let rt = runtime();
+    let primary = sink(&rt);
+    let backup = sink(&rt);
+    let s = Setup::new();
+    // `when_full = "reject"` on a secondary target is a config warning,
+    // logged at start at warn level.
+    let config = format!(
+        "{}\n[targets.backup.buffer]\nwhen_full = \"reject\"\n",
+        s.config("active-active", "primary", &primary.url(), &backup.url())
+    )
+    .replace("level = \"info\"", "level = \"warn\"");
+    let path = s.write(&config);
+    let mut cmd = forkd();
+    cmd.args(["run", "--config"]).arg(&path);
+    let mut c = Collected::spawn(cmd);
+    // The warning is logged during start, before the `forkd started` line
+    // would be, with no await between them.
+    c.wait_line("the config warning", |l| {
+        l.contains("WARN") && l.contains("reject")
+    });
+
+    let (status, lines) = c.stop("TERM");
+    let all = lines.join("\n");
+    assert_eq!(status.code(), Some(0), "{all}");
+    for unwanted in ["forkd started", "SIGTERM: shutting down", "forkd stopped"] {
+        assert!(!all.contains(unwanted), "an info line at level warn: {all}");
+    }
+    assert!(
+        lines.iter().all(|l| !l.contains("INFO")),
+        "an info line at level warn: {all}"
+    );
+    assert_no_panic(&all);
+}
+
 // ---------------------------------------------------------------- reload
 
 #[test]
@@ -755,6 +1030,64 @@ fn sigterm_lets_an_in_flight_request_finish() {
     assert_eq!(r.status, 200, "{}", r.body_text());
     assert_eq!(d.wait().code(), Some(0), "{}", d.stderr());
     assert_eq!(primary.delivered().len(), 1);
+}
+
+#[test]
+fn after_sigterm_new_connections_are_refused_while_an_in_flight_request_completes() {
+    let gate = gated_target();
+    let s = Setup::new();
+    // Long bounds: nothing but the gate decides when the in-flight request ends.
+    let config = s
+        .config("active-passive", "primary", &gate.url, NOWHERE)
+        .replace("shutdown_timeout = \"5s\"", "shutdown_timeout = \"60s\"")
+        .replace("timeout = \"5s\"", "timeout = \"60s\"");
+    let path = s.write(&config);
+    let mut d = Daemon::start(&path);
+    assert_eq!(
+        try_http(d.addr, "DELETE", "/probe"),
+        Some(405),
+        "before SIGTERM a new connection is served"
+    );
+    let addr = d.addr;
+    let client = std::thread::spawn(move || {
+        http(
+            addr,
+            "POST",
+            "/ingest",
+            &[("X-Request-Id", "in-flight")],
+            b"held at the target",
+        )
+    });
+    gate.arrived
+        .recv_timeout(DEADLINE)
+        .expect("the request never reached the target");
+
+    d.signal("TERM");
+    // A probe answered 405 was accepted before forkd saw the signal; once it
+    // stops accepting, a new connection is refused (or reset unanswered).
+    eventually(
+        "new connections to be refused after SIGTERM",
+        || match try_http(d.addr, "DELETE", "/probe") {
+            None => Some(()),
+            Some(405) => None,
+            Some(other) => panic!("a new connection after SIGTERM got {other}"),
+        },
+    );
+    assert!(
+        d.is_running(),
+        "forkd exited with a request in flight:\n{}",
+        d.stderr()
+    );
+    assert!(
+        !client.is_finished(),
+        "the in-flight request was answered early"
+    );
+
+    gate.release.send(()).unwrap();
+    let r = client.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert_eq!(d.wait().code(), Some(0), "{}", d.stderr());
+    assert_no_panic(&d.stderr());
 }
 
 // ---------------------------------------------------------------- crash recovery

@@ -280,3 +280,62 @@ fn an_unknown_flag_is_a_usage_error_exiting_two() {
         assert!(!stderr(&out).is_empty(), "{args:?}");
     }
 }
+
+#[test]
+fn inspect_reports_bytes_and_oldest_age_of_the_undelivered_records_only() {
+    const N: u64 = 17;
+    const DELIVERED: usize = 7;
+    let tmp = tempdir().unwrap();
+    let buffer = tmp.path().join("buffer");
+    let dir = buffer.join("partly");
+    // Record i was accepted 2 h ago plus i minutes: record 0 is the oldest.
+    let now = std::time::SystemTime::now();
+    let accepted = |i: u64| now - Duration::from_secs(2 * 3_600) + Duration::from_secs(60 * i);
+    let records: Vec<Record> = (0..N)
+        .map(|i| Record {
+            accepted_at: accepted(i),
+            ..record(i, 10_000)
+        })
+        .collect();
+    let spool = Spool::open(&dir, opts()).unwrap();
+    let lsns: Vec<u64> = records.iter().map(|r| append(&spool, r.clone())).collect();
+    // The first records were delivered: the cursor moves past them (the
+    // 64 KiB segments put it in the middle of the second segment).
+    spool.ack(lsns[DELIVERED]);
+    spool.close();
+
+    let remaining = &records[DELIVERED..];
+    let bytes: u64 = remaining.iter().map(Record::encoded_len).sum();
+    let out = inspect(&buffer, true);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+
+    let header: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "TARGET",
+            "RECORDS",
+            "BYTES",
+            "OLDEST_AGE",
+            "SEGMENTS",
+            "REJECTED",
+            "CORRUPT"
+        ],
+        "{text}"
+    );
+    let cols = row(&text, "partly");
+    assert_eq!(cols[1], (N as usize - DELIVERED).to_string(), "{text}");
+    assert_eq!(
+        cols[2],
+        forkd::spool::inspect::human_bytes(bytes),
+        "BYTES counts the undelivered records only ({bytes} bytes): {text}"
+    );
+    // Record 7, accepted 1 h 53 min ago, is the oldest left (the age shows
+    // 1h53m for a minute).
+    assert_eq!(
+        cols[3], "1h53m",
+        "OLDEST_AGE is the age of the oldest undelivered record: {text}"
+    );
+    assert_eq!(from_right(&text, "partly", 0), "0", "{text}");
+}

@@ -73,6 +73,8 @@ pub enum PipeErrorKind {
     /// Not written, or the connection closed in an orderly way before any
     /// byte of its answer: send it again.
     NotSent,
+    /// Given up by [`Pipe::abandon`] (shutdown): not sent again.
+    Abandoned,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +130,8 @@ pub struct Pipe {
     /// Open connections and the queues of their tasks (a task ends once its
     /// queue's sender is dropped and its answers are in).
     conns: Mutex<Vec<(Arc<Conn>, mpsc::UnboundedSender<Job>)>>,
+    /// Set by [`Pipe::abandon`]: every request from then on fails at once.
+    abandoned: AtomicBool,
 }
 
 impl std::fmt::Debug for Pipe {
@@ -146,6 +150,9 @@ struct Conn {
     /// joins them goes out in the same `writev`.
     unwritten: AtomicUsize,
     closed: AtomicBool,
+    /// Signalled (with a permit) by [`Pipe::abandon`]: the connection task
+    /// fails everything on it and ends.
+    abort: tokio::sync::Notify,
     /// Milliseconds since the pipe's epoch of the last answer, or of the
     /// moment the connection went from idle to busy.
     progress: AtomicU64,
@@ -163,6 +170,18 @@ impl Pipe {
             connect_timeout,
             epoch: Instant::now(),
             conns: Mutex::new(Vec::new()),
+            abandoned: AtomicBool::new(false),
+        }
+    }
+
+    /// Gives up every request waiting on this pipe and any sent later: each
+    /// gets [`PipeErrorKind::Abandoned`] at once. Shutdown uses it when its
+    /// bound has passed, so the callers spool their copies.
+    pub fn abandon(&self) {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        self.abandoned.store(true, Ordering::Release);
+        for (c, _) in conns.iter() {
+            c.abort.notify_one();
         }
     }
 
@@ -205,6 +224,11 @@ impl Pipe {
         let now = self.now_ms();
         let (conn, tx) = {
             let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            if self.abandoned.load(Ordering::Acquire) {
+                drop(conns);
+                let _ = job.reply.send(Err(abandoned()));
+                return;
+            }
             conns.retain(|(c, _)| !c.closed.load(Ordering::Acquire));
             let (conn, tx) = match choose(&conns, now) {
                 Some(i) => conns[i].clone(),
@@ -236,6 +260,7 @@ impl Pipe {
             load: AtomicUsize::new(0),
             unwritten: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
+            abort: tokio::sync::Notify::new(),
             progress: AtomicU64::new(self.now_ms()),
         });
         tokio::spawn(run(
@@ -369,7 +394,15 @@ async fn run(
         written: AtomicUsize::new(0),
         pending_added: tokio::sync::Notify::new(),
     };
-    let stream = match tokio::time::timeout(connect_timeout, connect(&host, port)).await {
+    let connected = tokio::select! {
+        c = tokio::time::timeout(connect_timeout, connect(&host, port)) => Some(c),
+        () = shared.conn.abort.notified() => None,
+    };
+    let Some(connected) = connected else {
+        close(&shared, &mut rx, abandoned());
+        return;
+    };
+    let stream = match connected {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
             close(
@@ -399,11 +432,14 @@ async fn run(
     let end = {
         let reader = read_loop(rd, &shared);
         let writer = write_loop(wr, &mut rx, &shared);
-        tokio::pin!(reader, writer);
+        // Registered once for the connection's life, not per request.
+        let abort = shared.conn.abort.notified();
+        tokio::pin!(reader, writer, abort);
         let mut writing = true;
         loop {
             tokio::select! {
                 end = &mut reader => break end,
+                () = &mut abort => break End { first: abandoned() },
                 w = &mut writer, if writing => match w {
                     Err(e) => break End { first: e },
                     // The pipe is gone: finish what is in flight, then close.
@@ -452,6 +488,11 @@ fn close(shared: &Shared, rx: &mut mpsc::UnboundedReceiver<Job>, first: PipeErro
         };
         let _ = job.reply.send(Err(err));
     }
+}
+
+/// The error of a request given up by [`Pipe::abandon`].
+fn abandoned() -> PipeError {
+    PipeError::new(PipeErrorKind::Abandoned, "abandoned at shutdown")
 }
 
 /// The error of a request whose deadline passed before its answer came.

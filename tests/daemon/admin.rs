@@ -80,7 +80,8 @@ async fn status_has_the_documented_shape_and_shows_urls_without_their_query() {
                 "buffer_bytes",
                 "buffer_records",
                 "oldest_record_age_seconds",
-                "url"
+                "url",
+                "next_attempt_in_seconds"
             ]),
             "{name}"
         );
@@ -89,6 +90,7 @@ async fn status_has_the_documented_shape_and_shows_urls_without_their_query() {
         assert_eq!(t["buffer_bytes"], 0);
         assert_eq!(t["buffer_records"], 0);
         assert_eq!(t["oldest_record_age_seconds"], 0);
+        assert!(t["next_attempt_in_seconds"].is_null(), "{t}");
         let url = t["url"].as_str().unwrap();
         assert!(url.starts_with(&sink.url()), "{name}: {url}");
         assert!(!url.contains('?'), "{name}: {url}");

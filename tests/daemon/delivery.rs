@@ -83,27 +83,35 @@ async fn a_down_target_spools_new_requests_then_drains_them_in_order_and_is_up_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_down_target_gets_no_connection_for_new_requests_while_it_honours_retry_after() {
-    // Two refusals asking for a 30 s pause, then 200.
-    let primary =
-        sink_scripted([Behavior::RetryAfter(503, 30), Behavior::RetryAfter(503, 30)]).await;
+    // The live send is refused with a request for a 30 s pause; then 200.
+    let primary = sink_scripted([Behavior::RetryAfter(503, 30)]).await;
     let conf = Conf::new()
         .target("primary", &primary.url())
         .retry("max_backoff = \"60s\"");
     let d = Daemon::start(&conf).await;
 
     assert_eq!(d.post("/r", seq(0)).await.status, 202);
-    wait_for("the worker's first retry", async || {
-        primary.received().len() == 2
+    d.wait_state("primary", "down").await;
+    // The worker's first probe waits for the Retry-After too: /status shows
+    // its pause, and the target has seen nothing but the live send.
+    wait_for("the worker to back off for the Retry-After", async || {
+        d.target_status("primary").await["next_attempt_in_seconds"]
+            .as_u64()
+            .is_some_and(|s| s >= 20)
     })
     .await;
-    d.wait_state("primary", "down").await;
+    assert_eq!(
+        primary.received().len(),
+        1,
+        "the worker probed before the target's Retry-After passed"
+    );
 
     for i in 1..5 {
         assert_eq!(d.post("/r", seq(i)).await.status, 202);
     }
     assert_eq!(
         primary.received().len(),
-        2,
+        1,
         "a down target was contacted before its Retry-After passed"
     );
     assert_eq!(d.target_result("primary", "spooled").await, 5.0);
@@ -115,6 +123,7 @@ async fn a_down_target_gets_no_connection_for_new_requests_while_it_honours_retr
     wait_for("the backlog", async || primary.delivered_count() == 5).await;
     d.wait_drained("primary").await;
     assert_eq!(delivered_bodies(&primary), seqs(0..5));
+    assert!(d.target_status("primary").await["next_attempt_in_seconds"].is_null());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -828,16 +828,14 @@ async fn target_headers_apply_at_every_send_and_a_reloaded_value_reaches_spooled
     );
     assert_eq!(backup.received()[0].path_and_query, "/in/h?sig=backup-old");
 
-    // The worker's first replay is refused with Retry-After: 30: it now waits.
-    wait_for("the first replay", async || {
-        d.metric(
-            "forkd_target_attempt_failures_total",
-            &[("target", "backup"), ("reason", "status")],
-        )
-        .await
-            == 2.0
+    // The live copy was refused with Retry-After: 30: the worker now waits.
+    wait_for("the worker's pause", async || {
+        d.target_status("backup").await["next_attempt_in_seconds"]
+            .as_u64()
+            .is_some_and(|s| s >= 20)
     })
     .await;
+    assert_eq!(d.target_status("backup").await["buffer_records"], 1);
     let on_disk = all_file_bytes(&d.buffer_dir().join("backup"));
     assert!(
         !contains_bytes(&on_disk, b"backup-old"),

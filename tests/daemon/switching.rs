@@ -217,6 +217,43 @@ async fn a_target_added_by_reload_receives_forked_requests_and_has_metric_series
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_refused_because_a_new_target_cannot_open_its_spool_changes_no_running_target() {
+    let primary = sink().await;
+    let moved = sink().await;
+    let extra = sink().await;
+    let conf = Conf::new().target("primary", &primary.url());
+    let d = Daemon::start(&conf).await;
+    // The new target's spool directory cannot be made: a file is in the way.
+    std::fs::write(d.buffer_dir().join("extra"), b"not a directory").unwrap();
+
+    // One reload both moves the running target and adds the one that fails.
+    let err = d
+        .reload(
+            &Conf::new()
+                .target("primary", &moved.url())
+                .target("extra", &extra.url()),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.contains("extra"), "{err}");
+
+    assert_eq!(d.post("/r", "after the refused reload").await.status, 200);
+    assert_eq!(
+        bodies(&primary),
+        ["after the refused reload"],
+        "a refused reload changed a running target"
+    );
+    assert!(bodies(&moved).is_empty());
+    assert!(bodies(&extra).is_empty());
+    assert!(!d.metrics().await.contains("target=\"extra\""));
+    assert_eq!(
+        d.metric("forkd_config_reloads_total", &[("result", "failure")])
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_removed_by_reload_keeps_its_spool_on_disk_and_loses_its_metric_series() {
     let primary = sink().await;
     let mut backup = stopped_sink().await;
@@ -290,18 +327,47 @@ async fn a_reload_can_change_the_mode_and_the_active_target() {
 // ----------------------------------------------------------------- shutdown
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_shutdown_bound_copies_still_waiting_for_a_target_are_spooled_and_delivered_after_restart()
+ {
+    // The primary never answers within the shutdown bound (its timeout is
+    // far longer), the backup answers at once.
+    let mut primary = sink_with(Behavior::Hang).await;
+    let backup = sink().await;
+    let conf = Conf::pair(&primary, &backup)
+        .server("shutdown_timeout = \"1s\"")
+        .target_line("primary", "timeout = \"60s\"");
+    let mut d = Daemon::start(&conf).await;
+
+    let in_flight = post_in_background(&d, "/held", "held at shutdown");
+    wait_for("the request to reach the hanging primary", async || {
+        primary.received().len() == 1
+    })
+    .await;
+    d.shutdown().await;
+
+    // Answered, not cut off: the active copy was spooled, so the backup's
+    // answer is relayed.
+    let resp = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request got no answer");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(bodies(&backup), ["held at shutdown"]);
+
+    primary.set_default(Behavior::Status(200));
+    primary.restart().await.unwrap();
+    d.boot().await;
+    wait_for("the spooled copy", async || primary.delivered_count() == 1).await;
+    assert_eq!(bodies(&primary), ["held at shutdown"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_an_in_flight_request_finish_and_a_restart_reopens_the_spools() {
     let primary = sink_with(Behavior::Delay(std::time::Duration::from_millis(700), 201)).await;
     let mut backup = stopped_sink().await;
     let mut d = Daemon::start(&Conf::pair(&primary, &backup)).await;
 
-    let in_flight = {
-        let client = d.client.clone();
-        let req = Request::post(d.url("/slow"))
-            .body(Full::new(Bytes::from("in flight")))
-            .unwrap();
-        tokio::spawn(async move { client.request(req).await })
-    };
+    let in_flight = post_in_background(&d, "/slow", "in flight");
     wait_for("the request to reach the slow primary", async || {
         primary.received().len() == 1
     })
@@ -319,4 +385,19 @@ async fn shutdown_lets_an_in_flight_request_finish_and_a_restart_reopens_the_spo
     backup.restart().await.unwrap();
     wait_for("the spooled copy", async || backup.delivered_count() == 1).await;
     assert_eq!(bodies(&backup), ["in flight"]);
+}
+
+/// Sends a POST from a task of its own: its answer is awaited later.
+fn post_in_background(
+    d: &Daemon,
+    path: &str,
+    body: &'static str,
+) -> tokio::task::JoinHandle<
+    Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
+> {
+    let client = d.client.clone();
+    let req = Request::post(d.url(path))
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    tokio::spawn(async move { client.request(req).await })
 }
