@@ -57,12 +57,13 @@ impl Routing {
         self.targets.iter().find(|t| t.name == name)
     }
 
-    /// Targets that receive new forked requests.
-    pub fn selected(&self) -> impl Iterator<Item = &Arc<TargetRuntime>> {
-        let mode = self.config.raw.routing.mode;
-        self.targets
-            .iter()
-            .filter(move |t| mode == Mode::ActiveActive || t.name == self.active)
+    /// Targets that receive new forked requests (a slice: no allocation
+    /// per request).
+    pub fn selected(&self) -> &[Arc<TargetRuntime>] {
+        match self.config.raw.routing.mode {
+            Mode::ActiveActive => &self.targets,
+            Mode::ActivePassive => self.target(&self.active).map_or(&[], std::slice::from_ref),
+        }
     }
 
     pub fn is_selected(&self, name: &str) -> bool {
@@ -182,14 +183,15 @@ impl Fork {
         B::Error: std::fmt::Display,
     {
         let started = Instant::now();
+        let accepted = SystemTime::now();
         let routing = self.routing();
-        let (request_id, id_header) = request_id_and_header(req.headers());
+        let (request_id, id_header) = request_id_and_header_at(req.headers(), accepted);
         // A debug span: at the default level (info) it costs nothing, where an
         // info span formatted its fields on every request. Events logged
         // during a request name its request id themselves.
         let span = tracing::debug_span!("request", id = %request_id, method = %req.method(), path = %req.uri().path());
         let mut resp = self
-            .route(req, client, &routing, &request_id)
+            .route(req, client, &routing, request_id, (started, accepted))
             .instrument(span.clone())
             .await;
         if let Some(v) = id_header {
@@ -208,7 +210,8 @@ impl Fork {
         req: Request<B>,
         client: Option<IpAddr>,
         routing: &Routing,
-        request_id: &str,
+        request_id: String,
+        (started, accepted): (Instant, SystemTime),
     ) -> Resp
     where
         B: hyper::body::Body<Data = Bytes> + Unpin,
@@ -227,7 +230,8 @@ impl Fork {
         }
         let method = req.method().clone();
         if method == Method::GET || method == Method::HEAD {
-            return self.pass_through(req, client, routing, request_id).await;
+            // Boxed: the pass-through's future is large and the path rare.
+            return Box::pin(self.pass_through(req, client, routing, &request_id)).await;
         }
         if !cfg.methods.contains(&method) {
             let mut allow: Vec<&str> = cfg.methods.iter().map(Method::as_str).collect();
@@ -254,23 +258,24 @@ impl Fork {
             );
         }
         let max_body = server.max_body_size.as_u64();
-        let declared = content_length(req.headers());
+        // hyper knows the declared length (Content-Length, validated).
+        let declared = req.body().size_hint().exact();
         if declared.is_some_and(|n| n > max_body) {
             return too_large(max_body);
         }
-        let deadline = started_deadline(server.request_timeout);
+        let deadline = started_deadline(started, server.request_timeout);
         let (parts, body) = req.into_parts();
         let (body, _permits) = match self.read_body(body, declared, max_body, deadline).await {
             Ok(v) => v,
             Err(resp) => return resp,
         };
         self.metrics.request_bytes.inc_by(body.len() as u64);
-        let Some(path_and_query) = parts.uri.path_and_query().cloned() else {
+        let Some(path_and_query) = parts.uri.into_parts().path_and_query else {
             return plain(StatusCode::BAD_REQUEST, "request has no path\n");
         };
         let record = Record {
-            accepted_at: truncate_to_millis(SystemTime::now()),
-            request_id: request_id.to_owned(),
+            accepted_at: truncate_to_millis(accepted),
+            request_id,
             method,
             path_and_query,
             headers: upstream::end_to_end_headers(parts.headers, client),
@@ -291,10 +296,12 @@ impl Fork {
         B: hyper::body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
-        let mut permits = Vec::new();
+        // One permit: later reservations (a body without Content-Length,
+        // read chunk by chunk) are merged into it.
+        let mut permit: Option<OwnedSemaphorePermit> = None;
         let mut held: u64 = 0;
         if let Some(n) = declared {
-            permits.push(self.reserve_budget(n, deadline).await?);
+            permit = Some(self.reserve_budget(n, deadline).await?);
             held = n;
         }
         let mut first: Option<Bytes> = None;
@@ -327,7 +334,11 @@ impl Fork {
             }
             if total > held {
                 let more = total - held;
-                permits.push(self.reserve_budget(more, deadline).await?);
+                let more = self.reserve_budget(more, deadline).await?;
+                match permit.as_mut() {
+                    Some(p) => p.merge(more),
+                    None => permit = Some(more),
+                }
                 held = total;
             }
             match first.take() {
@@ -343,7 +354,7 @@ impl Fork {
         let body = first.unwrap_or_else(|| buf.freeze());
         Ok((
             body,
-            Inflight::new(permits, held, &self.metrics.inflight_bytes),
+            Inflight::new(permit, held, &self.metrics.inflight_bytes),
         ))
     }
 
@@ -364,27 +375,32 @@ impl Fork {
     async fn fork(&self, record: Record, routing: &Routing) -> Resp {
         let _counted = InFlight::enter(&self.in_flight);
         let cfg = &routing.config;
-        let selected: Vec<&Arc<TargetRuntime>> = routing.selected().collect();
+        let selected = routing.selected();
         if selected.is_empty() {
             return unavailable("no target selected\n");
         }
         let size = record.encoded_len();
+        let refused = |t: &TargetRuntime| {
+            tracing::warn!(target = %t.name, request_id = %record.request_id, "spool full; request refused");
+            unavailable("spool full; retry later\n")
+        };
+        let active = routing.active.as_str();
+        if let [t] = selected {
+            // One target (active-passive, or a single target): no join of
+            // copies, no vectors.
+            let admission = match t.admit(size) {
+                Admission::Full => return refused(t),
+                a => a,
+            };
+            let outcome = copy(t, Arc::new(record), admission, None).await;
+            return self.answer(cfg, selected, active, [outcome]);
+        }
         let mut admissions = Vec::with_capacity(selected.len());
-        for t in &selected {
+        for t in selected {
             match t.admit(size) {
-                Admission::Full => {
-                    tracing::warn!(target = %t.name, request_id = %record.request_id, "spool full; request refused");
-                    return unavailable("spool full; retry later\n");
-                }
+                Admission::Full => return refused(t),
                 a => admissions.push(a),
             }
-        }
-        let active = routing.active.as_str();
-        if selected.len() == 1 {
-            // One target (active-passive, or a single target): no join of
-            // copies.
-            let outcome = copy(selected[0], Arc::new(record), admissions.remove(0), None).await;
-            return self.answer(cfg, &selected, active, vec![outcome]);
         }
         let record = Arc::new(record);
         let secondary_wait =
@@ -410,15 +426,15 @@ impl Fork {
             }
         });
         let outcomes = futures::future::join_all(copies).await;
-        self.answer(cfg, &selected, active, outcomes)
+        self.answer(cfg, selected, active, outcomes)
     }
 
     fn answer(
         &self,
         cfg: &Config,
-        selected: &[&Arc<TargetRuntime>],
+        selected: &[Arc<TargetRuntime>],
         active: &str,
-        outcomes: Vec<Outcome>,
+        outcomes: impl IntoIterator<Item = Outcome>,
     ) -> Resp {
         let mut active_outcome = None;
         let mut other_answer = None;
@@ -649,15 +665,12 @@ fn too_large(max: u64) -> Resp {
     r
 }
 
-fn started_deadline(timeout: Duration) -> Instant {
-    Instant::now() + timeout
-}
-
-fn content_length(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.trim().parse().ok())
+fn started_deadline(started: Instant, timeout: Duration) -> Instant {
+    // A timeout too large for the clock: a day is forever enough.
+    started
+        .checked_add(timeout)
+        .or_else(|| started.checked_add(Duration::from_secs(86_400)))
+        .unwrap_or(started)
 }
 
 /// The client's `X-Request-Id` when it is a sane token, else a new UUIDv7.
@@ -667,6 +680,14 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
 
 /// The request id and its header value for the answer.
 fn request_id_and_header(headers: &http::HeaderMap) -> (String, Option<HeaderValue>) {
+    request_id_and_header_at(headers, SystemTime::now())
+}
+
+/// [`request_id_and_header`], a new id timed at `now`.
+fn request_id_and_header_at(
+    headers: &http::HeaderMap,
+    now: SystemTime,
+) -> (String, Option<HeaderValue>) {
     if let Some(v) = headers.get(&X_REQUEST_ID)
         && let Ok(s) = v.to_str()
         && !s.is_empty()
@@ -675,9 +696,9 @@ fn request_id_and_header(headers: &http::HeaderMap) -> (String, Option<HeaderVal
     {
         return (s.to_owned(), Some(v.clone()));
     }
-    let id = new_uuid_v7();
-    let header = HeaderValue::from_str(&id).ok();
-    (id, header)
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id: &str = new_uuid_v7(now).hyphenated().encode_lower(&mut buf);
+    (id.to_owned(), HeaderValue::from_str(id).ok())
 }
 
 /// A UUIDv7 (RFC 9562): the Unix time in milliseconds and 74 random bits.
@@ -686,8 +707,8 @@ fn request_id_and_header(headers: &http::HeaderMap) -> (String, Option<HeaderVal
 /// a counter: unique within the process, unpredictable enough for an id),
 /// not from `getrandom`, which `Uuid::now_v7` calls once per id: a system
 /// call on every request.
-fn new_uuid_v7() -> String {
-    let millis = SystemTime::now()
+fn new_uuid_v7(now: SystemTime) -> uuid::Uuid {
+    let millis = now
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0);
@@ -696,9 +717,7 @@ fn new_uuid_v7() -> String {
     let mut random = [0u8; 10];
     random[..8].copy_from_slice(&a);
     random[8..].copy_from_slice(&b[..2]);
-    uuid::Builder::from_unix_timestamp_millis(millis, &random)
-        .into_uuid()
-        .to_string()
+    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }
 
 /// True when no tokens are configured, or the request bears one of them.
@@ -724,17 +743,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Budget permits of one request body, with `forkd_inflight_bytes` kept in step.
 struct Inflight {
-    _permits: Vec<OwnedSemaphorePermit>,
+    _permit: Option<OwnedSemaphorePermit>,
     bytes: i64,
     gauge: prometheus::IntGauge,
 }
 
 impl Inflight {
-    fn new(permits: Vec<OwnedSemaphorePermit>, bytes: u64, gauge: &prometheus::IntGauge) -> Self {
+    fn new(permit: Option<OwnedSemaphorePermit>, bytes: u64, gauge: &prometheus::IntGauge) -> Self {
         let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
         gauge.add(bytes);
         Inflight {
-            _permits: permits,
+            _permit: permit,
             bytes,
             gauge: gauge.clone(),
         }

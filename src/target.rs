@@ -307,8 +307,10 @@ impl TargetRuntime {
                 if self.abandoned.load(Ordering::Acquire) {
                     return abandoned_attempt();
                 }
+                // Boxed: hyper's client future is large, and this path
+                // (`https://`) should not size every copy's future.
                 tokio::select! {
-                    a = upstream::send(&client, cfg, record, deadline) => a,
+                    a = Box::pin(upstream::send(&client, cfg, record, deadline)) => a,
                     () = abandoned => abandoned_attempt(),
                 }
             }

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
@@ -237,14 +237,21 @@ pub fn end_to_end_headers(mut headers: HeaderMap, client: Option<IpAddr>) -> Hea
         }
     }
     if let Some(ip) = client {
-        let mut value = String::with_capacity(48);
-        for prior in headers.get_all(&X_FORWARDED_FOR) {
-            if let Ok(p) = prior.to_str() {
-                value.push_str(p);
-                value.push_str(", ");
-            }
+        let addr = IpText::of(ip);
+        let priors = || {
+            headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|p| p.to_str().ok())
+        };
+        // Exactly sized, so the value's bytes need no second allocation.
+        let len = priors().map(|p| p.len() + 2).sum::<usize>() + addr.as_bytes().len();
+        let mut value = Vec::with_capacity(len);
+        for p in priors() {
+            value.extend_from_slice(p.as_bytes());
+            value.extend_from_slice(b", ");
         }
-        push_ip(&mut value, ip);
+        value.extend_from_slice(addr.as_bytes());
         if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
             headers.insert(&X_FORWARDED_FOR, v);
         }
@@ -299,25 +306,6 @@ pub fn request_head(target: &Target, record: &Record) -> Result<Bytes, http::Err
         joined.path_and_query().map_or("/", |pq| pq.as_str())
     };
     let authority = target.base.authority().map_or("", |a| a.as_str());
-    let mut len = 64 + base_path.len() + record.path_and_query.as_str().len() + authority.len();
-    for (name, value) in &record.headers {
-        len += name.as_str().len() + value.len() + 4;
-    }
-    for (name, value) in &target.headers {
-        len += name.as_str().len() + value.len() + 4;
-    }
-    let mut b = BytesMut::with_capacity(len + record.request_id.len() + 40);
-    b.put_slice(record.method.as_str().as_bytes());
-    b.put_u8(b' ');
-    if verbatim {
-        b.put_slice(base_path.as_bytes());
-        b.put_slice(record.path_and_query.as_str().as_bytes());
-    } else {
-        b.put_slice(path.as_bytes());
-    }
-    b.put_slice(b" HTTP/1.1\r\nhost: ");
-    b.put_slice(authority.as_bytes());
-    b.put_slice(b"\r\n");
     let replaced = |name: &HeaderName| {
         name == header::HOST
             || name == X_REQUEST_ID
@@ -325,31 +313,71 @@ pub fn request_head(target: &Target, record: &Record) -> Result<Bytes, http::Err
             || name == header::TRANSFER_ENCODING
             || target.headers.iter().any(|(n, _)| n == name)
     };
-    for (name, value) in &record.headers {
-        if replaced(name) {
-            continue;
-        }
-        put_header(&mut b, name.as_str().as_bytes(), value.as_bytes());
-    }
     let id = record.request_id.as_bytes();
-    if !id.is_empty() && id.iter().all(|&c| c == b'\t' || (0x20..0x7f).contains(&c)) {
+    let id_ok = !id.is_empty() && id.iter().all(|&c| c == b'\t' || (0x20..0x7f).contains(&c));
+    let mut digits = itoa_buf(record.body.len() as u64);
+    let digits = digits.as_bytes_mut();
+    let line = |name: &[u8], value: &[u8]| name.len() + value.len() + 4;
+    // The exact length, so that the buffer becomes `Bytes` without a
+    // second allocation.
+    let mut len = record.method.as_str().len()
+        + 1
+        + if verbatim {
+            base_path.len() + record.path_and_query.as_str().len()
+        } else {
+            path.len()
+        }
+        + b" HTTP/1.1\r\nhost: ".len()
+        + authority.len()
+        + 2
+        + b"content-length: ".len()
+        + digits.len()
+        + 4;
+    for (name, value) in &record.headers {
+        if !replaced(name) {
+            len += line(name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    if id_ok {
+        len += line(b"x-request-id", id);
+    }
+    for (name, value) in &target.headers {
+        len += line(name.as_str().as_bytes(), value.as_bytes());
+    }
+    let mut b = Vec::with_capacity(len);
+    b.extend_from_slice(record.method.as_str().as_bytes());
+    b.push(b' ');
+    if verbatim {
+        b.extend_from_slice(base_path.as_bytes());
+        b.extend_from_slice(record.path_and_query.as_str().as_bytes());
+    } else {
+        b.extend_from_slice(path.as_bytes());
+    }
+    b.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    b.extend_from_slice(authority.as_bytes());
+    b.extend_from_slice(b"\r\n");
+    for (name, value) in &record.headers {
+        if !replaced(name) {
+            put_header(&mut b, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    if id_ok {
         put_header(&mut b, b"x-request-id", id);
     }
     for (name, value) in &target.headers {
         put_header(&mut b, name.as_str().as_bytes(), value.as_bytes());
     }
-    b.put_slice(b"content-length: ");
-    let mut digits = itoa_buf(record.body.len() as u64);
-    b.put_slice(digits.as_bytes_mut());
-    b.put_slice(b"\r\n\r\n");
-    Ok(b.freeze())
+    b.extend_from_slice(b"content-length: ");
+    b.extend_from_slice(digits);
+    b.extend_from_slice(b"\r\n\r\n");
+    Ok(Bytes::from(b))
 }
 
-fn put_header(b: &mut BytesMut, name: &[u8], value: &[u8]) {
-    b.put_slice(name);
-    b.put_slice(b": ");
-    b.put_slice(value);
-    b.put_slice(b"\r\n");
+fn put_header(b: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    b.extend_from_slice(name);
+    b.extend_from_slice(b": ");
+    b.extend_from_slice(value);
+    b.extend_from_slice(b"\r\n");
 }
 
 /// Decimal digits of `n` without an allocation.
@@ -381,21 +409,52 @@ fn itoa_buf(mut n: u64) -> Digits {
 
 /// Appends `ip` as text; IPv4 (the common case) without the formatting
 /// machinery, which showed in profiles of the request path.
-fn push_ip(out: &mut String, ip: std::net::IpAddr) {
-    match ip {
-        std::net::IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push('.');
+/// An IP address's usual text, on the stack (no allocation, no `fmt` for IPv4).
+struct IpText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl IpText {
+    fn of(ip: std::net::IpAddr) -> IpText {
+        let mut t = IpText {
+            buf: [0; 48],
+            len: 0,
+        };
+        match ip {
+            std::net::IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        t.push(b".");
+                    }
+                    let mut digits = itoa_buf(u64::from(octet));
+                    t.push(digits.as_bytes_mut());
                 }
-                let mut digits = itoa_buf(u64::from(octet));
-                out.push_str(std::str::from_utf8(digits.as_bytes_mut()).unwrap_or("0"));
+            }
+            std::net::IpAddr::V6(v6) => {
+                use std::fmt::Write;
+                let _ = write!(t, "{v6}");
             }
         }
-        std::net::IpAddr::V6(v6) => {
-            use std::fmt::Write;
-            let _ = write!(out, "{v6}");
-        }
+        t
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        // 45 bytes is the longest IPv6 text: never truncated in practice.
+        let n = bytes.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::fmt::Write for IpText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.push(s.as_bytes());
+        Ok(())
     }
 }
 
@@ -608,9 +667,7 @@ mod tests {
             "::1",
             "2001:db8::8a2e:370:7334",
         ] {
-            let mut out = String::new();
-            super::push_ip(&mut out, ip.parse()?);
-            assert_eq!(out, ip);
+            assert_eq!(super::IpText::of(ip.parse()?).as_bytes(), ip.as_bytes());
         }
         Ok(())
     }

@@ -33,6 +33,7 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -744,9 +745,15 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
 /// Parses an answer head at the start of `buf` (consuming it). `Ok(None)`:
 /// incomplete. `Ok(Some(None))`: an informational (1xx) answer was skipped.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Partial>>, PipeError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf) {
+    // Uninitialised slots: zeroing 100 headers cost more than parsing a
+    // typical answer's few.
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    ) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => {
@@ -828,9 +835,16 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Partial>>, PipeError> 
 /// every header but Content-Length, the hop-by-hop ones and those named in
 /// `Connection`. Values are slices of `head` (no copy).
 pub fn head_headers(head: &Bytes) -> HeaderMap {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    if !matches!(resp.parse(head), Ok(httparse::Status::Complete(_))) {
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    if !matches!(
+        httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut resp,
+            head,
+            &mut headers
+        ),
+        Ok(httparse::Status::Complete(_))
+    ) {
         return HeaderMap::new();
     }
     let mut named = Vec::new();

@@ -1104,6 +1104,30 @@ async fn auth_tokens_require_a_valid_bearer_token_which_is_not_forwarded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_target_answers_after_header_read_timeout_is_answered_on_its_connection() {
+    // header_read_timeout bounds the wait for a request's head, not the
+    // time forkd takes to answer it: a slow target must not cost the
+    // client its answer, nor its keep-alive connection.
+    let primary = sink_with(Behavior::Delay(std::time::Duration::from_millis(1500), 200)).await;
+    let d = Daemon::start(
+        &Conf::new()
+            .target("primary", &primary.url())
+            .server("header_read_timeout = \"300ms\""),
+    )
+    .await;
+
+    let mut s = connect(d.running().addr).await;
+    for path in ["/slow-1", "/slow-2"] {
+        let req = format!("POST {path} HTTP/1.1\r\nHost: forkd\r\nContent-Length: 2\r\n\r\nok");
+        write_all(&mut s, req.as_bytes()).await;
+        let mut buf = Vec::new();
+        let head = read_head(&mut s, &mut buf).await;
+        assert_eq!(head_status(&head), 200, "{path}: {head}");
+    }
+    assert_eq!(primary.delivered().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_connection_idle_longer_than_header_read_timeout_is_closed() {
     use tokio::io::AsyncReadExt;
     let primary = sink().await;
