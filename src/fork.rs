@@ -392,7 +392,7 @@ impl Fork {
                 Admission::Full => return refused(t),
                 a => a,
             };
-            let outcome = copy(t, Arc::new(record), admission, None).await;
+            let outcome = copy(t, Arc::new(record), admission, None, Instant::now()).await;
             return self.answer(cfg, selected, active, [outcome]);
         }
         let mut admissions = Vec::with_capacity(selected.len());
@@ -403,6 +403,8 @@ impl Fork {
             }
         }
         let record = Arc::new(record);
+        // One clock read for every copy's deadline and latency.
+        let started = Instant::now();
         let secondary_wait =
             (cfg.raw.routing.mode == Mode::ActiveActive).then_some(cfg.raw.routing.secondary_wait);
         // Non-active copies may hold the answer back at most `secondary_wait`
@@ -418,7 +420,7 @@ impl Fork {
                 secondary_wait.map(|w| (active_done, w))
             };
             async move {
-                let outcome = copy(t, record, admission, hold).await;
+                let outcome = copy(t, record, admission, hold, started).await;
                 if is_active {
                     active_done.set();
                 }
@@ -549,6 +551,7 @@ async fn copy(
     record: Arc<Record>,
     admission: Admission,
     hold: Option<(&ActiveDone, Duration)>,
+    started: Instant,
 ) -> Outcome {
     match admission {
         Admission::Full => Outcome::Failed,
@@ -558,15 +561,14 @@ async fn copy(
         }
         Admission::Spool(reservation) => spool(t, reservation, &record).await,
         Admission::Live => {
-            let cfg = t.config();
             let attempt = match hold {
-                None => Some(t.send_live(&record, cfg.timeout).await),
+                None => Some(t.send_live(&record, started).await),
                 // Biased: the send is polled first, so a copy whose answer is
                 // in when the active copy finishes never arms the
                 // secondary_wait timer.
                 Some((active_done, wait)) => tokio::select! {
                     biased;
-                    a = t.send_live(&record, cfg.timeout) => Some(a),
+                    a = t.send_live(&record, started) => Some(a),
                     () = async {
                         active_done.wait().await;
                         tokio::time::sleep(wait).await;

@@ -293,10 +293,11 @@ impl TargetRuntime {
         &self,
         cfg: &crate::config::Target,
         record: &crate::spool::Record,
+        started: Instant,
         deadline: Duration,
     ) -> Attempt {
         match self.pipe() {
-            Some(pipe) => upstream::send_pipelined(&pipe, cfg, record, deadline).await,
+            Some(pipe) => upstream::send_pipelined(&pipe, cfg, record, started, deadline).await,
             None => {
                 let client = self.client();
                 let abandoned = self.abandon.notified();
@@ -327,16 +328,15 @@ impl TargetRuntime {
         }
     }
 
-    /// Sends a live copy once within `deadline`, recording metrics.
-    pub async fn send_live(&self, record: &crate::spool::Record, deadline: Duration) -> Attempt {
+    /// Sends a live copy once within the target's `timeout` from `started`
+    /// (when the request's copies were dispatched: one clock read for all
+    /// of them), recording metrics.
+    pub async fn send_live(&self, record: &crate::spool::Record, started: Instant) -> Attempt {
         let cfg = self.config();
-        let start = Instant::now();
-        let attempt = self
-            .send_once(&cfg, record, deadline.min(cfg.timeout))
-            .await;
+        let attempt = self.send_once(&cfg, record, started, cfg.timeout).await;
         self.series
             .latency_live
-            .observe(start.elapsed().as_secs_f64());
+            .observe(started.elapsed().as_secs_f64());
         self.count_attempt(&attempt, record);
         attempt
     }
@@ -609,7 +609,7 @@ impl TargetRuntime {
     /// One replay attempt, counted.
     async fn replay_one(&self, cfg: &Target, s: &Spooled) -> Attempt {
         let start = Instant::now();
-        let attempt = self.send_once(cfg, &s.record, cfg.timeout).await;
+        let attempt = self.send_once(cfg, &s.record, start, cfg.timeout).await;
         self.series
             .latency_replay
             .observe(start.elapsed().as_secs_f64());

@@ -507,9 +507,14 @@ pub async fn send_pipelined(
     pipe: &Pipe,
     target: &Target,
     record: &Record,
+    started: Instant,
     deadline: Duration,
 ) -> Attempt {
-    let until = Instant::now() + deadline;
+    // A deadline too large for the clock: a day is forever enough.
+    let until = started
+        .checked_add(deadline)
+        .or_else(|| started.checked_add(Duration::from_secs(86_400)))
+        .unwrap_or(started);
     let mut tries = 0;
     loop {
         // Encoded for each try (a retry is rare): handing the pipe the only
@@ -518,7 +523,7 @@ pub async fn send_pipelined(
             Ok(h) => h,
             Err(e) => return cannot_build(&e),
         };
-        let result = pipe.send(head, record.body.clone(), until).await;
+        let result = pipe.send(head, record.body.clone(), started, until).await;
         let (reason, detail) = match result {
             Ok(RawAnswer { status, head, body }) => {
                 return classify(

@@ -187,7 +187,7 @@ impl Pipe {
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+        ms_since(self.epoch, Instant::now())
     }
 
     /// Sends one request (head and body already encoded) and waits for its
@@ -199,19 +199,26 @@ impl Pipe {
     /// whose deadline has passed when its turn to be written comes, or when
     /// its connection closes, gets `Timeout`). A timer per copy cost about
     /// 5 % of the request path's instructions (docs/performance.md).
+    ///
+    /// `now` is the caller's recent clock reading (it has one: the clock is
+    /// read once per request, not once per step).
     pub async fn send(
         &self,
         head: Bytes,
         body: Bytes,
+        now: Instant,
         deadline: Instant,
     ) -> Result<RawAnswer, PipeError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(Job {
-            head,
-            body,
-            deadline,
-            reply,
-        });
+        self.submit(
+            Job {
+                head,
+                body,
+                deadline,
+                reply,
+            },
+            now,
+        );
         match rx.await {
             Err(_) => Err(PipeError::new(
                 PipeErrorKind::NotSent,
@@ -221,8 +228,8 @@ impl Pipe {
         }
     }
 
-    fn submit(&self, job: Job) {
-        let now = self.now_ms();
+    fn submit(&self, job: Job, now: Instant) {
+        let now = ms_since(self.epoch, now);
         let (conn, tx) = {
             let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
             if self.abandoned.load(Ordering::Acquire) {
@@ -345,10 +352,15 @@ impl Shared {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn done_one(&self) {
+    /// One request less on the connection, at `now_ms` (a reading the
+    /// caller made for its whole batch).
+    fn done_one(&self, now_ms: u64) {
         self.conn.load.fetch_sub(1, Ordering::AcqRel);
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.conn.progress.store(now, Ordering::Release);
+        self.conn.progress.store(now_ms, Ordering::Release);
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        ms_since(self.epoch, at)
     }
 
     /// The kind for the oldest pending request when the connection ends
@@ -362,13 +374,13 @@ impl Shared {
         }
     }
 
-    fn complete(&self, result: Result<RawAnswer, PipeError>) {
+    fn complete(&self, result: Result<RawAnswer, PipeError>, now_ms: u64) {
         let front = self.lock().pop_front();
         if let Some(p) = front {
             let _ = self
                 .written
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
-            self.done_one();
+            self.done_one(now_ms);
             let _ = p.reply.send(result);
         }
     }
@@ -466,9 +478,10 @@ fn close(shared: &Shared, rx: &mut mpsc::UnboundedReceiver<Job>, first: PipeErro
     rx.close();
     let pending: Vec<Pending> = shared.lock().drain(..).collect();
     let now = Instant::now();
+    let now_ms = shared.ms(now);
     let mut first = Some(first);
     for p in pending {
-        shared.done_one();
+        shared.done_one(now_ms);
         let err = match first.take() {
             Some(e) => e,
             None if p.deadline <= now => late(),
@@ -478,7 +491,7 @@ fn close(shared: &Shared, rx: &mut mpsc::UnboundedReceiver<Job>, first: PipeErro
     }
     while let Ok(job) = rx.try_recv() {
         shared.conn.unwritten.fetch_sub(1, Ordering::AcqRel);
-        shared.done_one();
+        shared.done_one(now_ms);
         let err = match &first {
             Some(e) if e.kind == PipeErrorKind::Connect => {
                 PipeError::new(PipeErrorKind::Connect, e.detail.as_str())
@@ -489,6 +502,11 @@ fn close(shared: &Shared, rx: &mut mpsc::UnboundedReceiver<Job>, first: PipeErro
         };
         let _ = job.reply.send(Err(err));
     }
+}
+
+/// Milliseconds from `epoch` to `at` (0 before it).
+fn ms_since(epoch: Instant, at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The error of a request given up by [`Pipe::abandon`].
@@ -537,7 +555,7 @@ async fn write_loop(
                 if job.reply.is_closed() || job.deadline <= now {
                     // The caller has gone (it spooled the copy), or its
                     // deadline passed while the request waited: do not send.
-                    shared.done_one();
+                    shared.done_one(shared.ms(now));
                     let _ = job.reply.send(Err(late()));
                     continue;
                 }
@@ -613,6 +631,8 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
     tokio::pin!(sleep);
     let mut armed: Option<Instant> = None;
     loop {
+        // One clock reading for the answers of one read.
+        let now_ms = shared.ms(Instant::now());
         // Every complete answer in the buffer.
         loop {
             if discard > 0 {
@@ -661,11 +681,14 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
                     Err(e) => return End { first: e },
                     Ok(ChunkState::Incomplete(decoded)) if decoded > MAX_ANSWER_BODY => {
                         let Some(p) = partial.take() else { break };
-                        shared.complete(Ok(RawAnswer {
-                            status: p.status,
-                            head: p.head,
-                            body: None,
-                        }));
+                        shared.complete(
+                            Ok(RawAnswer {
+                                status: p.status,
+                                head: p.head,
+                                body: None,
+                            }),
+                            now_ms,
+                        );
                         return End {
                             first: PipeError::new(
                                 PipeErrorKind::NotSent,
@@ -682,11 +705,14 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
             };
             let Some(body) = body else { break };
             let Some(p) = partial.take() else { break };
-            shared.complete(Ok(RawAnswer {
-                status: p.status,
-                head: p.head,
-                body,
-            }));
+            shared.complete(
+                Ok(RawAnswer {
+                    status: p.status,
+                    head: p.head,
+                    body,
+                }),
+                now_ms,
+            );
             if p.close_after {
                 return End {
                     first: PipeError::new(
@@ -717,7 +743,7 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
                             status: p.status,
                             head: p.head,
                             body: (body.len() <= MAX_ANSWER_BODY).then_some(body),
-                        }));
+                        }), now_ms);
                         return End { first: PipeError::new(PipeErrorKind::NotSent, "closed") };
                     }
                     // Cut mid-answer, or after the request was written (like
@@ -972,7 +998,9 @@ mod tests {
             Bytes::from_static(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 4096\r\n\r\n");
         let body = Bytes::from(vec![b'x'; 4096]);
         let deadline = Instant::now() + Duration::from_millis(200);
-        let answer = pipe.send(head, body.clone(), deadline).await;
+        let answer = pipe
+            .send(head, body.clone(), Instant::now(), deadline)
+            .await;
         assert_eq!(answer.err().map(|e| e.kind), Some(PipeErrorKind::Timeout));
         // Before the fix the connection stayed open for good, holding what
         // it had not written; bounded wait for the close.
@@ -1007,7 +1035,7 @@ mod tests {
         // most wait behind an unanswered one; no caller-side timer exists.
         let sends = (0..3 * PREFERRED_CONNS as u64).map(|i| {
             let deadline = start + Duration::from_millis(100 + 20 * i);
-            pipe.send(head.clone(), Bytes::from_static(b"x"), deadline)
+            pipe.send(head.clone(), Bytes::from_static(b"x"), start, deadline)
         });
         let results =
             tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(sends))
