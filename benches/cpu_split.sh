@@ -1,0 +1,67 @@
+#!/bin/bash
+# forkd's user and system CPU per active-active request, separately: forkd
+# pinned to CPU 0 and not capped (it is the bottleneck), two sinks and wrk
+# (64 connections, 4 KiB POST bodies) on CPU 1; 1 s of warm-up, then
+# SECS (5) seconds measured from /proc/<pid>/stat. User time is steady
+# between runs of one build (+-5 %); system time is not (+-25 % on a shared
+# VM), which is why the e2e bench's ratios move. PERF=1 adds system calls per
+# request (perf tracepoints).
+#
+#   cargo build --release && cargo bench --bench e2e --no-run
+#   benches/cpu_split.sh target/release/forkd [LABEL]
+#
+# Needs wrk, curl, taskset, python3 (and perf for PERF=1).
+set -euo pipefail
+BIN=$(realpath "$1"); LABEL=${2:-run}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+D=$ROOT/target/tmp/cpu-split-$LABEL; rm -rf "$D"; mkdir -p "$D"
+E2E=
+for f in "$ROOT"/target/release/deps/e2e-*; do
+    [[ $f == *.d ]] && continue
+    [[ -z $E2E || $f -nt $E2E ]] && E2E=$f
+done
+[ -x "$E2E" ] || { echo "build the e2e bench first: cargo bench --bench e2e --no-run" >&2; exit 1; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do pkill -P "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+# A sink exits when its stdin closes: feed it from a sleep that outlives the run.
+(sleep 60 | taskset -c 1 "$E2E" --sink 127.0.0.1:0 > "$D/s1.port") & PIDS+=($!)
+(sleep 60 | taskset -c 1 "$E2E" --sink 127.0.0.1:0 > "$D/s2.port") & PIDS+=($!)
+for _ in $(seq 100); do [ -s "$D/s1.port" ] && [ -s "$D/s2.port" ] && break; sleep 0.1; done
+LISTEN=$(free_port); ADMIN=$(free_port)
+cat > "$D/forkd.toml" <<TOML
+[server]
+listen = "127.0.0.1:$LISTEN"
+[admin]
+listen = "127.0.0.1:$ADMIN"
+[routing]
+mode = "active-active"
+active = "primary"
+[targets.primary]
+url = "http://127.0.0.1:$(head -1 "$D/s1.port")"
+[targets.backup]
+url = "http://127.0.0.1:$(head -1 "$D/s2.port")"
+[buffer]
+dir = "$D/spool"
+TOML
+cat > "$D/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = string.rep("x", 4096)
+LUA
+taskset -c 0 "$BIN" run --config "$D/forkd.toml" 2> "$D/log" & V=$!; PIDS+=("$V")
+for _ in $(seq 300); do curl -sf -o /dev/null "127.0.0.1:$ADMIN/readyz" && break; sleep 0.1; done
+taskset -c 1 wrk -t1 -c64 -d1s -s "$D/post.lua" "http://127.0.0.1:$LISTEN/v1/logs" > /dev/null
+read -r u0 s0 < <(awk '{print $14, $15}' /proc/$V/stat)
+if [ -n "${PERF:-}" ]; then
+  perf stat -x, -e raw_syscalls:sys_enter,syscalls:sys_enter_writev,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_write,context-switches,page-faults,syscalls:sys_enter_brk,syscalls:sys_enter_mmap,syscalls:sys_enter_munmap,syscalls:sys_enter_madvise -p $V -o "$D/perf.txt" -- sleep ${SECS:-5} &
+  PP=$!
+fi
+taskset -c 1 wrk -t1 -c64 -d${SECS:-5}s -s "$D/post.lua" "http://127.0.0.1:$LISTEN/v1/logs" > "$D/wrk.txt"
+[ -n "${PERF:-}" ] && wait $PP
+read -r u1 s1 < <(awk '{print $14, $15}' /proc/$V/stat)
+REQ=$(grep -oE '^ +[0-9]+ requests' "$D/wrk.txt" | awk '{print $1}')
+python3 -c "
+u=($u1-$u0)*10000/$REQ; s=($s1-$s0)*10000/$REQ
+print('$LABEL: %d req, user %.1f us/req, sys %.1f us/req, total %.1f' % ($REQ, u, s, u+s))"
+if [ -n "${PERF:-}" ]; then awk -F, -v r=$REQ '/^[0-9]/{printf "  %s %.2f/req\n", $3, $1/r}' "$D/perf.txt"; fi
