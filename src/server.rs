@@ -194,18 +194,19 @@ pub async fn serve<H, F, RB>(
     }
 }
 
-/// Graceful shutdown of the open connections, at no cost per request.
+/// The open connections, for graceful shutdown and for the
+/// `header_read_timeout` sweeper, at no cost per request.
 ///
 /// hyper-util's `GracefulShutdown` polls a `watch` channel every time a
 /// connection is polled (about 900 instructions per request here). Instead,
 /// each connection registers its task's waker once; [`Graceful::start`] sets
 /// a flag and wakes them, and a connection that sees the flag when polled
 /// starts hyper's graceful shutdown (finish the request in flight, then
-/// close).
+/// close). The sweeper ([`sweep`]) reads each connection's [`Activity`].
 #[derive(Default)]
 struct Graceful {
-    started: std::sync::atomic::AtomicBool,
-    next_id: std::sync::atomic::AtomicU64,
+    started: AtomicBool,
+    next_id: AtomicU64,
     waiting: std::sync::Mutex<std::collections::HashMap<u64, Watched>>,
 }
 
@@ -274,8 +275,7 @@ async fn sweep(graceful: std::sync::Weak<Graceful>, timeout: Duration) {
 
 impl Graceful {
     fn start(&self) {
-        self.started
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.started.store(true, Ordering::Release);
         let wakers: Vec<std::task::Waker> = self
             .waiting
             .lock()
@@ -289,7 +289,7 @@ impl Graceful {
     }
 
     fn started(&self) -> bool {
-        self.started.load(std::sync::atomic::Ordering::Acquire)
+        self.started.load(Ordering::Acquire)
     }
 
     /// Expires (and wakes) the connections idle for `limit` sweeps.
@@ -326,9 +326,7 @@ impl Graceful {
         C: Future<Output = Result<(), E>> + GracefulConn,
         E: From<&'static str>,
     {
-        let id = self
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let registered = Registered { graceful: self, id };
         tokio::pin!(conn);
         let mut waker: Option<std::task::Waker> = None;
