@@ -598,9 +598,9 @@ pub async fn start_on(
             listener,
             limits.clone(),
             tls.clone(),
-            move |req, remote: SocketAddr| {
+            move |req, from: server::RequestInfo| {
                 let fork = fork.clone();
-                async move { fork.handle(req, Some(remote.ip())).await }
+                async move { fork.handle(req, Some(from.remote.ip()), from.started).await }
             },
             Some(gauge),
             wait_true(stop_rx),

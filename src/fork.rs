@@ -177,12 +177,14 @@ impl Fork {
     }
 
     /// Handles one client request and counts the answer.
-    pub async fn handle<B>(&self, req: Request<B>, client: Option<IpAddr>) -> Resp
+    ///
+    /// `started`: when the request's first byte arrived; `request_timeout`
+    /// counts from it (the whole request, headers and body).
+    pub async fn handle<B>(&self, req: Request<B>, client: Option<IpAddr>, started: Instant) -> Resp
     where
         B: hyper::body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
-        let started = Instant::now();
         let accepted = SystemTime::now();
         let routing = self.routing();
         let (request_id, id_header) = request_id_and_header_at(req.headers(), accepted);

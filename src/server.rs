@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -65,6 +65,17 @@ impl TlsSource {
     }
 }
 
+/// Who sent a request, and when its first byte came.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo {
+    pub remote: SocketAddr,
+    /// When the first byte of the request arrived (HTTP/1.1: the first read
+    /// after the previous request ended; HTTP/2, or a request pipelined
+    /// behind another: when its head was complete). `server.request_timeout`
+    /// counts from here: "whole request, headers and body".
+    pub started: Instant,
+}
+
 /// Serves `listener` until `shutdown` completes, then stops accepting and
 /// lets open connections finish (up to `limits.shutdown_timeout`).
 pub async fn serve<H, F, RB>(
@@ -75,7 +86,7 @@ pub async fn serve<H, F, RB>(
     connections: Option<prometheus::IntGauge>,
     shutdown: impl Future<Output = ()>,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, RequestInfo) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<RB>> + Send + 'static,
     RB: hyper::body::Body<Data = Bytes> + Send + 'static,
     RB::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -129,8 +140,9 @@ pub async fn serve<H, F, RB>(
             service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
                 let in_service = InService::enter(activity.clone());
+                let started = activity.take_head_started().unwrap_or_else(Instant::now);
                 async move {
-                    let resp = handler(req, remote).await;
+                    let resp = handler(req, RequestInfo { remote, started }).await;
                     drop(in_service);
                     Ok::<_, Infallible>(resp)
                 }
@@ -233,6 +245,30 @@ struct Activity {
     writes: AtomicU64,
     /// Set by the sweeper: the connection is closed at its next poll.
     expired: AtomicBool,
+    /// When the next request's first byte came ([`epoch`] nanoseconds + 1;
+    /// 0: not known). Taken by the request when its head is complete.
+    head_started: AtomicU64,
+}
+
+impl Activity {
+    fn stamp_head_started(&self, at: Instant) {
+        let nanos =
+            u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX - 1);
+        self.head_started.store(nanos + 1, Ordering::Relaxed);
+    }
+
+    fn take_head_started(&self) -> Option<Instant> {
+        match self.head_started.swap(0, Ordering::Relaxed) {
+            0 => None,
+            n => epoch().checked_add(Duration::from_nanos(n - 1)),
+        }
+    }
+}
+
+/// The origin of the instants kept in atomics.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 /// Marks a request in the service from its head until its answer.
@@ -442,29 +478,48 @@ where
             if n == 0 {
                 break;
             }
+            if prefix.is_empty() {
+                activity.stamp_head_started(Instant::now());
+            }
             prefix.extend_from_slice(&chunk[..n]);
         }
         Ok::<_, std::io::Error>(prefix)
     };
     match tokio::time::timeout(timeout, read).await {
-        Ok(Ok(prefix)) => Ok(Prefixed {
-            prefix,
-            pos: 0,
-            io,
-            activity,
-        }),
+        Ok(Ok(prefix)) => {
+            // HTTP/2 streams overlap: their start is when their head is
+            // complete, not a read of the connection.
+            let http1 = prefix.as_slice() != H2_PREFACE;
+            if !http1 {
+                activity.take_head_started();
+            }
+            Ok(Prefixed {
+                prefix,
+                pos: 0,
+                io,
+                activity,
+                stamp_heads: http1,
+                stamped_after: Some(0),
+            })
+        }
         Ok(Err(e)) => Err(format!("reading the first bytes failed: {e}")),
         Err(_) => Err("no request within header_read_timeout".into()),
     }
 }
 
 /// A stream whose first bytes were read already: they are read again first.
-/// Counts its writes for the sweeper.
+/// Counts its writes for the sweeper and, for HTTP/1.1, notes when each
+/// request's first byte arrives.
 struct Prefixed<S> {
     prefix: Vec<u8>,
     pos: usize,
     io: S,
     activity: Arc<Activity>,
+    /// HTTP/1.1: requests follow one another on the connection.
+    stamp_heads: bool,
+    /// The count of ended requests when the last request start was noted:
+    /// the first read after the next request ends notes the one after it.
+    stamped_after: Option<u64>,
 }
 
 impl<S> Prefixed<S> {
@@ -491,7 +546,19 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             this.pos += n;
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if this.stamp_heads && matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let a = &this.activity;
+            let done = a.done.load(Ordering::Relaxed);
+            if a.started.load(Ordering::Relaxed) == done && this.stamped_after != Some(done) {
+                // No request in the service: these are the next one's
+                // first bytes (one clock reading per request).
+                a.stamp_head_started(Instant::now());
+                this.stamped_after = Some(done);
+            }
+        }
+        r
     }
 }
 

@@ -338,6 +338,40 @@ async fn a_client_too_slow_to_send_its_body_gets_an_error_and_nothing_is_forward
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_counts_the_headers_too_not_only_the_body() {
+    // SPEC: request_timeout bounds the whole request, headers and body. The
+    // head trickles in over ~1.5 s and the body over ~1.5 s more: each half
+    // fits in the 2 s request_timeout, the whole does not.
+    let primary = sink().await;
+    let d = Daemon::start(
+        &Conf::new()
+            .target("primary", &primary.url())
+            .server("request_timeout = \"2s\"")
+            .server("header_read_timeout = \"10s\""),
+    )
+    .await;
+    let pace = std::time::Duration::from_millis(150);
+
+    let mut s = connect(d.running().addr).await;
+    write_all(&mut s, b"POST /whole HTTP/1.1\r\nHost: forkd\r\n").await;
+    for i in 0..10 {
+        tokio::time::sleep(pace).await;
+        write_all(&mut s, format!("X-Slow-{i}: {i}\r\n").as_bytes()).await;
+    }
+    write_all(&mut s, b"Content-Length: 10\r\n\r\n").await;
+    for b in b"0123456789" {
+        tokio::time::sleep(pace).await;
+        // A write after forkd answered and closed may fail: that is the point.
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut s, &[*b]).await;
+    }
+    let mut buf = Vec::new();
+    let head = read_head(&mut s, &mut buf).await;
+
+    assert_eq!(head_status(&head), 408, "{head}");
+    assert!(primary.received().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_body_with_trailers_is_forwarded_whole_without_the_trailers() {
     let primary = sink().await;
     let d = Daemon::start(&Conf::new().target("primary", &primary.url())).await;
