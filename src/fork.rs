@@ -8,7 +8,7 @@
 //! 6. the answer.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -421,15 +421,20 @@ impl Fork {
             } else {
                 secondary_wait.map(|w| (active_done, w))
             };
-            async move {
+            Copy::Running(Box::pin(async move {
                 let outcome = copy(t, record, admission, hold, started).await;
                 if is_active {
                     active_done.set();
                 }
                 outcome
-            }
+            }))
         });
-        let outcomes = futures::future::join_all(copies).await;
+        let mut copies: Vec<Copy<_>> = copies.collect();
+        join_copies(&mut copies, active_done).await;
+        let outcomes = copies.into_iter().map(|c| match c {
+            Copy::Done(outcome) => outcome,
+            Copy::Running(_) => Outcome::Failed,
+        });
         self.answer(cfg, selected, active, outcomes)
     }
 
@@ -517,31 +522,73 @@ impl Fork {
 /// Set when the active target's copy of a request has its outcome; the other
 /// copies then have `secondary_wait` left. Lives in the request's future
 /// (no allocation, unlike a channel).
+///
+/// No waker: the flag only changes while [`join_copies`] polls the active
+/// copy, and `join_copies` then polls the other copies again in the same
+/// call, so they see it. (A `Notify` here woke the request's task once more
+/// per request: a whole extra poll of hyper's connection and the request.)
 #[derive(Default)]
 struct ActiveDone {
-    done: std::sync::atomic::AtomicBool,
-    notify: tokio::sync::Notify,
+    done: AtomicBool,
 }
 
 impl ActiveDone {
     fn set(&self) {
-        self.done.store(true, std::sync::atomic::Ordering::Release);
-        self.notify.notify_waiters();
+        self.done.store(true, Ordering::Release);
     }
 
-    async fn wait(&self) {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            // Registered before the flag is read, so a `set` in between
-            // is not missed.
-            notified.as_mut().enable();
-            if self.done.load(std::sync::atomic::Ordering::Acquire) {
-                return;
-            }
-            notified.await;
-        }
+    fn is_set(&self) -> bool {
+        self.done.load(Ordering::Acquire)
     }
+
+    /// Ready once [`ActiveDone::set`]; only for copies under [`join_copies`].
+    async fn wait(&self) {
+        std::future::poll_fn(|_| {
+            if self.is_set() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+    }
+}
+
+/// One copy of a request under [`join_copies`].
+enum Copy<F> {
+    Running(std::pin::Pin<Box<F>>),
+    Done(Outcome),
+}
+
+/// Runs every copy to its outcome. Each poll polls every running copy; when
+/// the active copy finished during a pass, the others are polled once more
+/// at once, so that a copy waiting for [`ActiveDone`] sees it without a
+/// wake-up of its own.
+async fn join_copies<F>(copies: &mut [Copy<F>], active_done: &ActiveDone)
+where
+    F: std::future::Future<Output = Outcome>,
+{
+    std::future::poll_fn(|cx| {
+        loop {
+            let active_was_done = active_done.is_set();
+            let mut running = false;
+            for c in copies.iter_mut() {
+                if let Copy::Running(f) = c {
+                    match f.as_mut().poll(cx) {
+                        std::task::Poll::Ready(outcome) => *c = Copy::Done(outcome),
+                        std::task::Poll::Pending => running = true,
+                    }
+                }
+            }
+            if !running {
+                return std::task::Poll::Ready(());
+            }
+            if active_was_done || !active_done.is_set() {
+                return std::task::Poll::Pending;
+            }
+        }
+    })
+    .await;
 }
 
 /// One target's copy: live with fallback to the spool, or straight to the spool.
