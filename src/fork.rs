@@ -187,7 +187,7 @@ impl Fork {
     {
         let accepted = SystemTime::now();
         let routing = self.routing();
-        let (request_id, id_header) = request_id_and_header_at(req.headers(), accepted);
+        let (request_id, id_header) = request_id_and_header(req.headers(), accepted);
         // A debug span: at the default level (info) it costs nothing, where an
         // info span formatted its fields on every request. Events logged
         // during a request name its request id themselves.
@@ -724,18 +724,9 @@ fn started_deadline(started: Instant, timeout: Duration) -> Instant {
         .unwrap_or(started)
 }
 
-/// The client's `X-Request-Id` when it is a sane token, else a new UUIDv7.
-pub fn request_id(headers: &http::HeaderMap) -> String {
-    request_id_and_header(headers).0
-}
-
-/// The request id and its header value for the answer.
-fn request_id_and_header(headers: &http::HeaderMap) -> (String, Option<HeaderValue>) {
-    request_id_and_header_at(headers, SystemTime::now())
-}
-
-/// [`request_id_and_header`], a new id timed at `now`.
-fn request_id_and_header_at(
+/// The request id (the client's `X-Request-Id` when it is a sane token, else
+/// a new UUIDv7 timed at `now`) and its header value for the answer.
+fn request_id_and_header(
     headers: &http::HeaderMap,
     now: SystemTime,
 ) -> (String, Option<HeaderValue>) {
@@ -754,8 +745,8 @@ fn request_id_and_header_at(
 
 /// A UUIDv7 (RFC 9562): the Unix time in milliseconds and 74 random bits.
 ///
-/// The random bits come from [`crate::rand`] (SipHash with a random key over
-/// a counter: unique within the process, unpredictable enough for an id),
+/// The random bits come from [`crate::rand`] (wyrand over a randomly seeded
+/// counter: unique within the process, unpredictable enough for an id),
 /// not from `getrandom`, which `Uuid::now_v7` calls once per id: a system
 /// call on every request.
 fn new_uuid_v7(now: SystemTime) -> uuid::Uuid {

@@ -306,78 +306,84 @@ pub fn request_head(target: &Target, record: &Record) -> Result<Bytes, http::Err
         joined.path_and_query().map_or("/", |pq| pq.as_str())
     };
     let authority = target.base.authority().map_or("", |a| a.as_str());
-    let replaced = |name: &HeaderName| {
-        name == header::HOST
-            || name == X_REQUEST_ID
-            || name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING
-            || target.headers.iter().any(|(n, _)| n == name)
-    };
     let id = record.request_id.as_bytes();
     let id_ok = !id.is_empty() && id.iter().all(|&c| c == b'\t' || (0x20..0x7f).contains(&c));
     let mut digits = itoa_buf(record.body.len() as u64);
-    let digits = digits.as_bytes_mut();
-    let line = |name: &[u8], value: &[u8]| name.len() + value.len() + 4;
-    // The exact length, so that the buffer becomes `Bytes` without a
-    // second allocation.
-    let mut len = record.method.as_str().len()
-        + 1
-        + if verbatim {
-            base_path.len() + record.path_and_query.as_str().len()
+    let head = Head {
+        method: record.method.as_str().as_bytes(),
+        path: if verbatim {
+            [
+                base_path.as_bytes(),
+                record.path_and_query.as_str().as_bytes(),
+            ]
         } else {
-            path.len()
-        }
-        + b" HTTP/1.1\r\nhost: ".len()
-        + authority.len()
-        + 2
-        + b"content-length: ".len()
-        + digits.len()
-        + 4;
-    for (name, value) in &record.headers {
-        if !replaced(name) {
-            len += line(name.as_str().as_bytes(), value.as_bytes());
-        }
-    }
-    if id_ok {
-        len += line(b"x-request-id", id);
-    }
-    for (name, value) in &target.headers {
-        len += line(name.as_str().as_bytes(), value.as_bytes());
-    }
+            [path.as_bytes(), b""]
+        },
+        authority: authority.as_bytes(),
+        headers: &record.headers,
+        request_id: id_ok.then_some(id),
+        target_headers: &target.headers,
+        content_length: digits.as_bytes_mut(),
+    };
+    // Sized exactly first: a `Vec` whose length is its capacity becomes
+    // `Bytes` without a second allocation.
+    let mut len = 0;
+    head.emit(&mut |piece| len += piece.len());
     let mut b = Vec::with_capacity(len);
-    b.extend_from_slice(record.method.as_str().as_bytes());
-    b.push(b' ');
-    if verbatim {
-        b.extend_from_slice(base_path.as_bytes());
-        b.extend_from_slice(record.path_and_query.as_str().as_bytes());
-    } else {
-        b.extend_from_slice(path.as_bytes());
-    }
-    b.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    b.extend_from_slice(authority.as_bytes());
-    b.extend_from_slice(b"\r\n");
-    for (name, value) in &record.headers {
-        if !replaced(name) {
-            put_header(&mut b, name.as_str().as_bytes(), value.as_bytes());
-        }
-    }
-    if id_ok {
-        put_header(&mut b, b"x-request-id", id);
-    }
-    for (name, value) in &target.headers {
-        put_header(&mut b, name.as_str().as_bytes(), value.as_bytes());
-    }
-    b.extend_from_slice(b"content-length: ");
-    b.extend_from_slice(digits);
-    b.extend_from_slice(b"\r\n\r\n");
+    head.emit(&mut |piece| b.extend_from_slice(piece));
     Ok(Bytes::from(b))
 }
 
-fn put_header(b: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    b.extend_from_slice(name);
-    b.extend_from_slice(b": ");
-    b.extend_from_slice(value);
-    b.extend_from_slice(b"\r\n");
+/// The pieces of an upstream request head.
+struct Head<'a> {
+    method: &'a [u8],
+    /// The target's base path and the request's path and query, or the
+    /// joined path and query.
+    path: [&'a [u8]; 2],
+    authority: &'a [u8],
+    /// The record's end-to-end headers (some are replaced, see `emit`).
+    headers: &'a HeaderMap,
+    request_id: Option<&'a [u8]>,
+    target_headers: &'a [(HeaderName, HeaderValue)],
+    content_length: &'a [u8],
+}
+
+impl Head<'_> {
+    /// Hands every piece of the head to `out`, in order. The record's
+    /// `Host`, `X-Request-Id` and framing headers, and those the target
+    /// sets, are replaced.
+    fn emit(&self, out: &mut impl FnMut(&[u8])) {
+        fn header(out: &mut impl FnMut(&[u8]), name: &[u8], value: &[u8]) {
+            for piece in [name, b": ", value, b"\r\n"] {
+                out(piece);
+            }
+        }
+        for piece in [self.method, b" ", self.path[0], self.path[1]] {
+            out(piece);
+        }
+        out(b" HTTP/1.1\r\nhost: ");
+        out(self.authority);
+        out(b"\r\n");
+        for (name, value) in self.headers {
+            let replaced = name == header::HOST
+                || name == X_REQUEST_ID
+                || name == header::CONTENT_LENGTH
+                || name == header::TRANSFER_ENCODING
+                || self.target_headers.iter().any(|(n, _)| n == name);
+            if !replaced {
+                header(out, name.as_str().as_bytes(), value.as_bytes());
+            }
+        }
+        if let Some(id) = self.request_id {
+            header(out, b"x-request-id", id);
+        }
+        for (name, value) in self.target_headers.iter() {
+            header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        out(b"content-length: ");
+        out(self.content_length);
+        out(b"\r\n\r\n");
+    }
 }
 
 /// Decimal digits of `n` without an allocation.
