@@ -13,48 +13,12 @@
 # callgrind_annotate. Needs valgrind, wrk and curl (Debian packages).
 # Kernel time is not counted: compare builds, not proxies.
 set -euo pipefail
-BIN=$(realpath "$1"); LABEL=${2:-run}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-D=$ROOT/target/tmp/callgrind-$LABEL; rm -rf "$D"; mkdir -p "$D"
-E2E=
-for f in "$ROOT"/target/release/deps/e2e-*; do
-    [[ $f == *.d ]] && continue
-    [[ -z $E2E || $f -nt $E2E ]] && E2E=$f
-done
-[ -x "$E2E" ] || { echo "build the e2e bench first: cargo bench --bench e2e --no-run" >&2; exit 1; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do pkill -P "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
-# A sink exits when its stdin closes: feed it from a sleep that outlives the run.
-(sleep 120 | "$E2E" --sink 127.0.0.1:0 > "$D/s1.port") & PIDS+=($!)
-(sleep 120 | "$E2E" --sink 127.0.0.1:0 > "$D/s2.port") & PIDS+=($!)
-for _ in $(seq 100); do [ -s "$D/s1.port" ] && [ -s "$D/s2.port" ] && break; sleep 0.1; done
-LISTEN=$(free_port); ADMIN=$(free_port)
-cat > "$D/forkd.toml" <<TOML
-[server]
-listen = "127.0.0.1:$LISTEN"
-[admin]
-listen = "127.0.0.1:$ADMIN"
-[routing]
-mode = "active-active"
-active = "primary"
-[targets.primary]
-url = "http://127.0.0.1:$(head -1 "$D/s1.port")"
-[targets.backup]
-url = "http://127.0.0.1:$(head -1 "$D/s2.port")"
-[buffer]
-dir = "$D/spool"
-TOML
-cat > "$D/post.lua" <<'LUA'
-wrk.method = "POST"
-wrk.body = string.rep("x", 4096)
-wrk.headers["Content-Type"] = "application/json"
-LUA
+source "$(dirname "$0")/active_active.sh"
+aa_setup callgrind "$1" "${2:-run}"
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$D/cg.out" \
     "$BIN" run --config "$D/forkd.toml" 2> "$D/valgrind.log" &
 V=$!; PIDS+=("$V")
-for _ in $(seq 300); do curl -sf -o /dev/null "127.0.0.1:$ADMIN/readyz" && break; sleep 0.2; done
+aa_wait_ready
 wrk -t1 -c16 -d2s -s "$D/post.lua" "http://127.0.0.1:$LISTEN/v1/logs" > /dev/null
 callgrind_control -i on "$V" > /dev/null 2>&1
 wrk -t1 -c16 -d6s -s "$D/post.lua" "http://127.0.0.1:$LISTEN/v1/logs" > "$D/wrk.txt"

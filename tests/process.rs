@@ -370,24 +370,8 @@ struct Collected {
 }
 
 impl Collected {
-    fn spawn(mut cmd: Command) -> Collected {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let reader = {
-            let lines = lines.clone();
-            let pipe = child.stderr.take().unwrap();
-            std::thread::spawn(move || {
-                for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)) {
-                    let Ok(line) = line else { break };
-                    lines.lock().unwrap().push(line);
-                }
-            })
-        };
+    fn spawn(cmd: Command) -> Collected {
+        let (child, lines, reader) = harness::spawn_collecting_stderr(cmd);
         Collected {
             child,
             lines,

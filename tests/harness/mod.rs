@@ -305,27 +305,36 @@ pub struct Started {
     pub admin: SocketAddr,
 }
 
-/// Spawns `cmd` (a `forkd run ...`), collects its stderr and waits until it
-/// logs `forkd started`; the addresses are read from that line. Panics with
-/// the stderr when forkd exits first or does not start within [`DEADLINE`].
-pub fn spawn_started(mut cmd: Command) -> Started {
+/// Spawns `cmd` with its stderr collected line by line by a thread (which
+/// ends when the pipe closes, i.e. when the process has exited).
+pub fn spawn_collecting_stderr(
+    mut cmd: Command,
+) -> (Child, Arc<Mutex<Vec<String>>>, JoinHandle<()>) {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = Arc::new(Mutex::new(Vec::new()));
-    {
-        let lines = stderr.clone();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let reader = {
+        let lines = lines.clone();
         let pipe = child.stderr.take().unwrap();
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
                 lines.lock().unwrap().push(line);
             }
-        });
-    }
+        })
+    };
+    (child, lines, reader)
+}
+
+/// Spawns `cmd` (a `forkd run ...`), collects its stderr and waits until it
+/// logs `forkd started`; the addresses are read from that line. Panics with
+/// the stderr when forkd exits first or does not start within [`DEADLINE`].
+pub fn spawn_started(cmd: Command) -> Started {
+    let (mut child, stderr, _reader) = spawn_collecting_stderr(cmd);
     let until = Instant::now() + DEADLINE;
     let (addr, admin) = loop {
         let started = stderr
