@@ -5,7 +5,9 @@
 # SECS (5) seconds measured from /proc/<pid>/stat. User time is steady
 # between runs of one build (+-5 %); system time is not (+-25 % on a shared
 # VM), which is why the e2e bench's ratios move. PERF=1 adds system calls per
-# request (perf tracepoints).
+# request (perf tracepoints); PERF_EVENTS=a,b replaces the first event (all
+# system calls), e.g. PERF_EVENTS=raw_syscalls:sys_enter,net:net_dev_queue
+# to count the packets forkd sends.
 #
 #   cargo build --release && cargo bench --bench e2e --no-run
 #   benches/cpu_split.sh target/release/forkd [LABEL]
@@ -19,7 +21,7 @@ aa_wait_ready
 taskset -c 1 wrk -t1 -c64 -d1s -s "$D/post.lua" "http://127.0.0.1:$LISTEN/v1/logs" > /dev/null
 read -r u0 s0 < <(awk '{print $14, $15}' /proc/$V/stat)
 if [ -n "${PERF:-}" ]; then
-  perf stat -x, -e raw_syscalls:sys_enter,syscalls:sys_enter_writev,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_write,context-switches,page-faults,syscalls:sys_enter_brk,syscalls:sys_enter_mmap,syscalls:sys_enter_munmap,syscalls:sys_enter_madvise -p $V -o "$D/perf.txt" -- sleep ${SECS:-5} &
+  perf stat -x, -e ${PERF_EVENTS:-raw_syscalls:sys_enter},syscalls:sys_enter_writev,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_write,context-switches,page-faults,syscalls:sys_enter_brk,syscalls:sys_enter_mmap,syscalls:sys_enter_munmap,syscalls:sys_enter_madvise -p $V -o "$D/perf.txt" -- sleep ${SECS:-5} &
   PP=$!
 fi
 taskset -c 1 wrk -t1 -c64 -d${SECS:-5}s -s "$D/post.lua" "http://127.0.0.1:$LISTEN/v1/logs" > "$D/wrk.txt"

@@ -257,6 +257,41 @@ async fn a_client_that_disconnects_mid_body_causes_nothing_to_be_sent_or_spooled
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_after_its_whole_body_still_has_its_request_forked_to_every_target() {
+    let primary = sink().await;
+    // The backup's live copy hangs, so the fork is still running when the
+    // client leaves: the copy is spooled `secondary_wait` after the primary
+    // answered, and delivered by the replay.
+    let backup = sink_scripted([Behavior::Hang]).await;
+    let d = Daemon::start(
+        &Conf::pair(&primary, &backup)
+            .routing("secondary_wait = \"2s\"")
+            .target_line("backup", "timeout = \"60s\""),
+    )
+    .await;
+
+    let mut s = connect(d.running().addr).await;
+    write_all(
+        &mut s,
+        b"POST /left HTTP/1.1\r\nHost: forkd\r\nContent-Length: 4\r\n\r\nbye!",
+    )
+    .await;
+    wait_for("the primary to get the request", async || {
+        primary.received().len() == 1
+    })
+    .await;
+    drop(s);
+
+    wait_for("the backup's copy to be spooled and replayed", async || {
+        backup.delivered_count() == 1
+    })
+    .await;
+    assert_eq!(backup.delivered()[0].body, "bye!");
+    assert_eq!(d.target_result("backup", "spooled").await, 1.0);
+    assert_eq!(d.target_result("primary", "delivered").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_100_continue_is_answered_by_forkd_before_the_body_is_sent() {
     let primary = sink().await;
     let backup = sink().await;
