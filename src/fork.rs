@@ -7,9 +7,12 @@
 //! 5. an outcome per target: delivered, rejected, spooled or dropped;
 //! 6. the answer.
 
+use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -106,20 +109,21 @@ pub struct Fork {
     budget: Budget,
     metrics: Metrics,
     /// Requests being forked (shutdown waits for them to be sent or spooled).
-    in_flight: AtomicUsize,
+    in_flight: Arc<AtomicUsize>,
 }
 
-/// Counts a request in [`Fork::in_flight`] while it lives, dropped or not.
-struct InFlight<'a>(&'a AtomicUsize);
+/// Counts a request in [`Fork::in_flight`] while it lives, dropped or not
+/// (or while the task that finishes its copies lives, see [`Copies`]).
+struct InFlight(Arc<AtomicUsize>);
 
-impl<'a> InFlight<'a> {
-    fn enter(n: &'a AtomicUsize) -> Self {
+impl InFlight {
+    fn enter(n: &Arc<AtomicUsize>) -> Self {
         n.fetch_add(1, Ordering::AcqRel);
-        InFlight(n)
+        InFlight(n.clone())
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -149,7 +153,7 @@ impl Fork {
             routing: RwLock::new(routing),
             budget: Budget::new(max_inflight_bytes),
             metrics,
-            in_flight: AtomicUsize::new(0),
+            in_flight: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -211,7 +215,7 @@ impl Fork {
         &self,
         req: Request<B>,
         client: Option<IpAddr>,
-        routing: &Routing,
+        routing: &Arc<Routing>,
         request_id: String,
         (started, accepted): (Instant, SystemTime),
     ) -> Resp
@@ -374,8 +378,8 @@ impl Fork {
     }
 
     /// Admission, dispatch and the answer for a request whose body is read.
-    async fn fork(&self, record: Record, routing: &Routing) -> Resp {
-        let _counted = InFlight::enter(&self.in_flight);
+    async fn fork(&self, record: Record, routing: &Arc<Routing>) -> Resp {
+        let counted = InFlight::enter(&self.in_flight);
         let cfg = &routing.config;
         let selected = routing.selected();
         if selected.is_empty() {
@@ -389,12 +393,14 @@ impl Fork {
         let active = routing.active.as_str();
         if let [t] = selected {
             // One target (active-passive, or a single target): no join of
-            // copies, no vectors.
+            // copies, no vectors. (If the client leaves first, nothing is
+            // left half-done across targets: a live send already handed to
+            // the connection still goes out, unanswered.)
             let admission = match t.admit(size) {
                 Admission::Full => return refused(t),
                 a => a,
             };
-            let outcome = copy(t, Arc::new(record), admission, None, Instant::now()).await;
+            let outcome = copy(t, Arc::new(record), admission, Instant::now()).await;
             return self.answer(cfg, selected, active, [outcome]);
         }
         let mut admissions = Vec::with_capacity(selected.len());
@@ -407,34 +413,34 @@ impl Fork {
         let record = Arc::new(record);
         // One clock read for every copy's deadline and latency.
         let started = Instant::now();
-        let secondary_wait =
-            (cfg.raw.routing.mode == Mode::ActiveActive).then_some(cfg.raw.routing.secondary_wait);
-        // Non-active copies may hold the answer back at most `secondary_wait`
-        // after the active copy has its outcome.
-        let active_done = ActiveDone::default();
-        let active_done = &active_done;
         let copies = selected.iter().zip(admissions).map(|(t, admission)| {
+            let t = t.clone();
             let record = record.clone();
-            let is_active = t.name == active;
-            let hold = if is_active {
-                None
-            } else {
-                secondary_wait.map(|w| (active_done, w))
-            };
             Copy::Running(Box::pin(async move {
-                let outcome = copy(t, record, admission, hold, started).await;
-                if is_active {
-                    active_done.set();
-                }
-                outcome
+                copy(&t, record, admission, started).await
             }))
         });
-        let mut copies: Vec<Copy<_>> = copies.collect();
-        join_copies(&mut copies, active_done).await;
-        let outcomes = copies.into_iter().map(|c| match c {
-            Copy::Done(outcome) => outcome,
-            Copy::Running(_) => Outcome::Failed,
-        });
+        let mut copies = Copies {
+            copies: copies.collect(),
+            routing: routing.clone(),
+            record,
+            active: selected.iter().position(|t| t.name == active),
+            // Non-active copies may hold the answer back at most
+            // `secondary_wait` after the active copy has its outcome.
+            wait: match cfg.raw.routing.mode {
+                Mode::ActiveActive => Wait::After(cfg.raw.routing.secondary_wait),
+                Mode::ActivePassive => Wait::Passed,
+            },
+            counted: Some(counted),
+            detached: false,
+        };
+        copies.join().await;
+        let outcomes = std::mem::take(&mut copies.copies)
+            .into_iter()
+            .map(|c| match c {
+                Copy::Done(outcome) => outcome,
+                Copy::Running(_) | Copy::Spooling(_) => Outcome::Failed,
+            });
         self.answer(cfg, selected, active, outcomes)
     }
 
@@ -519,87 +525,160 @@ impl Fork {
     }
 }
 
-/// Set when the active target's copy of a request has its outcome; the other
-/// copies then have `secondary_wait` left. Lives in the request's future
-/// (no allocation, unlike a channel).
-///
-/// No waker: the flag only changes while [`join_copies`] polls the active
-/// copy, and `join_copies` then polls the other copies again in the same
-/// call, so they see it. (A `Notify` here woke the request's task once more
-/// per request: a whole extra poll of hyper's connection and the request.)
-#[derive(Default)]
-struct ActiveDone {
-    done: AtomicBool,
+/// One copy of a request under [`Copies`].
+enum Copy<F> {
+    Running(Pin<Box<F>>),
+    /// Abandoned by `secondary_wait`: being spooled.
+    Spooling(Pin<Box<dyn Future<Output = Outcome> + Send>>),
+    Done(Outcome),
 }
 
-impl ActiveDone {
-    fn set(&self) {
-        self.done.store(true, Ordering::Release);
-    }
+/// Where a request's `secondary_wait` is.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// The active copy is still running: the others may take this long
+    /// after it has its outcome.
+    After(Duration),
+    /// The active copy has its outcome: copies still running at this
+    /// instant are abandoned and spooled.
+    Until(Instant),
+    /// No (more) waiting to bound: active-passive, or already passed.
+    Passed,
+}
 
-    fn is_set(&self) -> bool {
-        self.done.load(Ordering::Acquire)
-    }
+/// The copies of a request forked to several targets, run to their
+/// outcomes by [`Copies::join`].
+///
+/// Dropped before every copy has its outcome (an HTTP/2 client reset its
+/// stream, or its connection closed, while forkd waited for a target), it
+/// hands the copies still running to a task of their own: a fork never
+/// stops half-way, with the request sent to one target and neither sent nor
+/// spooled for another. The task counts in [`Fork::in_flight`], so shutdown
+/// waits for it.
+struct Copies<F: Future<Output = Outcome> + Send + 'static> {
+    /// In the order of `routing.selected()`.
+    copies: Vec<Copy<F>>,
+    routing: Arc<Routing>,
+    record: Arc<Record>,
+    /// The active target's copy, whose outcome starts `secondary_wait`.
+    active: Option<usize>,
+    wait: Wait,
+    counted: Option<InFlight>,
+    /// Run by the task of a dropped request: not handed on again.
+    detached: bool,
+}
 
-    /// Ready once [`ActiveDone::set`]; only for copies under [`join_copies`].
-    async fn wait(&self) {
-        std::future::poll_fn(|_| {
-            if self.is_set() {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
+impl<F: Future<Output = Outcome> + Send + 'static> Copies<F> {
+    /// Runs every copy to its outcome, polling them all on each wake-up.
+    /// Once the active copy has its outcome, one timer bounds the others:
+    /// those still running `secondary_wait` later are abandoned and spooled.
+    /// A copy whose answer is in when the active copy finishes never arms
+    /// the timer (every copy is polled before it is armed).
+    async fn join(&mut self) {
+        let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+        std::future::poll_fn(|cx| {
+            loop {
+                let mut running = false;
+                for c in &mut self.copies {
+                    let f = match c {
+                        Copy::Running(f) => f.as_mut() as Pin<&mut dyn Future<Output = Outcome>>,
+                        Copy::Spooling(f) => f.as_mut(),
+                        Copy::Done(_) => continue,
+                    };
+                    match f.poll(cx) {
+                        Poll::Ready(outcome) => *c = Copy::Done(outcome),
+                        Poll::Pending => running = true,
+                    }
+                }
+                if !running {
+                    return Poll::Ready(());
+                }
+                let until = match self.wait {
+                    Wait::After(wait) => {
+                        let active_done = self
+                            .active
+                            .and_then(|i| self.copies.get(i))
+                            .is_some_and(|c| matches!(c, Copy::Done(_)));
+                        if !active_done {
+                            return Poll::Pending;
+                        }
+                        // A wait too long for the clock never passes.
+                        let Some(until) = Instant::now().checked_add(wait) else {
+                            self.wait = Wait::Passed;
+                            return Poll::Pending;
+                        };
+                        self.wait = Wait::Until(until);
+                        until
+                    }
+                    Wait::Until(until) => until,
+                    Wait::Passed => return Poll::Pending,
+                };
+                if timer.is_none() {
+                    timer.set(Some(tokio::time::sleep_until(until.into())));
+                }
+                if timer
+                    .as_mut()
+                    .as_pin_mut()
+                    .is_none_or(|t| t.poll(cx).is_pending())
+                {
+                    return Poll::Pending;
+                }
+                self.wait = Wait::Passed;
+                self.abandon_running();
             }
         })
         .await;
     }
-}
 
-/// One copy of a request under [`join_copies`].
-enum Copy<F> {
-    Running(std::pin::Pin<Box<F>>),
-    Done(Outcome),
-}
-
-/// Runs every copy to its outcome. Each poll polls every running copy; when
-/// the active copy finished during a pass, the others are polled once more
-/// at once, so that a copy waiting for [`ActiveDone`] sees it without a
-/// wake-up of its own.
-async fn join_copies<F>(copies: &mut [Copy<F>], active_done: &ActiveDone)
-where
-    F: std::future::Future<Output = Outcome>,
-{
-    std::future::poll_fn(|cx| {
-        loop {
-            let active_was_done = active_done.is_set();
-            let mut running = false;
-            for c in copies.iter_mut() {
-                if let Copy::Running(f) = c {
-                    match f.as_mut().poll(cx) {
-                        std::task::Poll::Ready(outcome) => *c = Copy::Done(outcome),
-                        std::task::Poll::Pending => running = true,
-                    }
-                }
+    /// `secondary_wait` has passed: the copies still running give up their
+    /// live sends and are spooled (the target has a backlog now).
+    fn abandon_running(&mut self) {
+        let targets = self.routing.selected();
+        for (c, t) in self.copies.iter_mut().zip(targets) {
+            if !matches!(c, Copy::Running(_)) {
+                continue;
             }
-            if !running {
-                return std::task::Poll::Ready(());
-            }
-            if active_was_done || !active_done.is_set() {
-                return std::task::Poll::Pending;
-            }
+            tracing::info!(
+                target = %t.name, request_id = %self.record.request_id,
+                "secondary_wait passed after the active target answered; spooling this copy"
+            );
+            t.count_abandoned();
+            t.mark_backlog();
+            let (t, record) = (t.clone(), self.record.clone());
+            *c = Copy::Spooling(Box::pin(
+                async move { spool_after_failure(&t, &record).await },
+            ));
         }
-    })
-    .await;
+    }
+}
+
+impl<F: Future<Output = Outcome> + Send + 'static> Drop for Copies<F> {
+    fn drop(&mut self) {
+        if self.detached || self.copies.iter().all(|c| matches!(c, Copy::Done(_))) {
+            return;
+        }
+        // No runtime: the process is ending, and the copies with it.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut rest = Copies {
+            copies: std::mem::take(&mut self.copies),
+            routing: self.routing.clone(),
+            record: self.record.clone(),
+            active: self.active,
+            wait: self.wait,
+            counted: self.counted.take(),
+            detached: true,
+        };
+        runtime.spawn(async move { rest.join().await });
+    }
 }
 
 /// One target's copy: live with fallback to the spool, or straight to the spool.
-///
-/// `hold` (active-active, non-active target): the copy is abandoned and spooled
-/// when it is still running `secondary_wait` after the active copy finished.
 async fn copy(
     t: &TargetRuntime,
     record: Arc<Record>,
     admission: Admission,
-    hold: Option<(&ActiveDone, Duration)>,
     started: Instant,
 ) -> Outcome {
     match admission {
@@ -609,54 +688,29 @@ async fn copy(
             Outcome::Dropped
         }
         Admission::Spool(reservation) => spool(t, reservation, &record).await,
-        Admission::Live => {
-            let attempt = match hold {
-                None => Some(t.send_live(&record, started).await),
-                // Biased: the send is polled first, so a copy whose answer is
-                // in when the active copy finishes never arms the
-                // secondary_wait timer.
-                Some((active_done, wait)) => tokio::select! {
-                    biased;
-                    a = t.send_live(&record, started) => Some(a),
-                    () = async {
-                        active_done.wait().await;
-                        tokio::time::sleep(wait).await;
-                    } => None,
-                },
-            };
-            match attempt {
-                Some(Attempt::Delivered(a)) => {
-                    t.count_result("delivered");
-                    Outcome::Answered(a)
-                }
-                Some(Attempt::Rejected(a)) => {
-                    t.keep_rejected(&record, &a);
-                    Outcome::Rejected(a)
-                }
-                None => {
-                    tracing::info!(
-                        target = %t.name, request_id = %record.request_id,
-                        "secondary_wait passed after the active target answered; spooling this copy"
-                    );
-                    t.count_abandoned();
-                    t.mark_backlog();
-                    spool_after_failure(t, &record).await
-                }
-                Some(Attempt::Transient {
-                    reason,
-                    detail,
-                    retry_after,
-                    ..
-                }) => {
-                    tracing::info!(
-                        target = %t.name, request_id = %record.request_id,
-                        reason = reason.as_str(), %detail, "live send failed; spooling"
-                    );
-                    t.mark_down(retry_after);
-                    spool_after_failure(t, &record).await
-                }
+        Admission::Live => match t.send_live(&record, started).await {
+            Attempt::Delivered(a) => {
+                t.count_result("delivered");
+                Outcome::Answered(a)
             }
-        }
+            Attempt::Rejected(a) => {
+                t.keep_rejected(&record, &a);
+                Outcome::Rejected(a)
+            }
+            Attempt::Transient {
+                reason,
+                detail,
+                retry_after,
+                ..
+            } => {
+                tracing::info!(
+                    target = %t.name, request_id = %record.request_id,
+                    reason = reason.as_str(), %detail, "live send failed; spooling"
+                );
+                t.mark_down(retry_after);
+                spool_after_failure(t, &record).await
+            }
+        },
     }
 }
 

@@ -298,23 +298,32 @@ impl TargetRuntime {
     ) -> Attempt {
         match self.pipe() {
             Some(pipe) => upstream::send_pipelined(&pipe, cfg, record, started, deadline).await,
-            None => {
-                let client = self.client();
-                let abandoned = self.abandon.notified();
-                tokio::pin!(abandoned);
-                // Registered before the flag is read: an abandon in
-                // between is not missed.
-                abandoned.as_mut().enable();
-                if self.abandoned.load(Ordering::Acquire) {
-                    return abandoned_attempt();
-                }
-                // Boxed: hyper's client future is large, and this path
-                // (`https://`) should not size every copy's future.
-                tokio::select! {
-                    a = Box::pin(upstream::send(&client, cfg, record, deadline)) => a,
-                    () = abandoned => abandoned_attempt(),
-                }
-            }
+            // Boxed: hyper's client and its future are large, and this path
+            // (`https://`) should not size every copy's future.
+            None => Box::pin(self.send_unpipelined(cfg, record, deadline)).await,
+        }
+    }
+
+    /// Sends once on the hyper client (`https://`), unless shutdown abandons
+    /// the live sends first.
+    async fn send_unpipelined(
+        &self,
+        cfg: &crate::config::Target,
+        record: &crate::spool::Record,
+        deadline: Duration,
+    ) -> Attempt {
+        let client = self.client();
+        let abandoned = self.abandon.notified();
+        tokio::pin!(abandoned);
+        // Registered before the flag is read: an abandon in between is not
+        // missed.
+        abandoned.as_mut().enable();
+        if self.abandoned.load(Ordering::Acquire) {
+            return abandoned_attempt();
+        }
+        tokio::select! {
+            a = upstream::send(&client, cfg, record, deadline) => a,
+            () = abandoned => abandoned_attempt(),
         }
     }
 

@@ -1100,6 +1100,54 @@ async fn a_backup_slower_than_secondary_wait_is_spooled_and_delivered_later() {
 // ------------------------------------------------------------- h2c and auth
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_resets_its_stream_after_the_body_still_has_its_request_forked_to_every_target()
+ {
+    let primary = sink().await;
+    // The backup's live copy hangs, so the fork is still running when the
+    // client resets the stream: the copy is spooled `secondary_wait` after
+    // the primary answered, and delivered by the replay.
+    let backup = sink_scripted([Behavior::Hang]).await;
+    let d = Daemon::start(
+        &Conf::pair(&primary, &backup)
+            .routing("secondary_wait = \"2s\"")
+            .target_line("backup", "timeout = \"60s\""),
+    )
+    .await;
+
+    let stream = connect(d.running().addr).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let answer = sender.send_request(
+        Request::post(d.url("/reset"))
+            .body(Full::new(Bytes::from("reset!")))
+            .unwrap(),
+    );
+    let request = tokio::spawn(answer);
+    wait_for("the primary to get the request", async || {
+        primary.received().len() == 1
+    })
+    .await;
+    // Dropping the answer's future sends RST_STREAM(CANCEL); the connection
+    // stays open.
+    request.abort();
+
+    wait_for("the backup's copy to be spooled and replayed", async || {
+        backup.delivered_count() == 1
+    })
+    .await;
+    assert_eq!(backup.delivered()[0].body, "reset!");
+    assert_eq!(d.target_result("backup", "spooled").await, 1.0);
+    assert_eq!(d.target_result("primary", "delivered").await, 1.0);
+    assert!(
+        !sender.is_closed(),
+        "the connection was closed, not the stream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2c_prior_knowledge_client_is_answered_and_its_request_forked() {
     let primary = sink().await;
     let backup = sink().await;
