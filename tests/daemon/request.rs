@@ -3,7 +3,7 @@
 //! outcomes and the answer; plus h2c and `server.auth_tokens`.
 
 use bytes::Bytes;
-use forkd::sink::Behavior;
+use forkd::sink::{Behavior, Sink};
 use http::{Method, Request, Version};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -256,12 +256,11 @@ async fn a_client_that_disconnects_mid_body_causes_nothing_to_be_sent_or_spooled
     assert_eq!(d.metric("forkd_request_bytes_total", &[]).await, 0.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_leaves_after_its_whole_body_still_has_its_request_forked_to_every_target() {
+/// Two targets, the backup's live copy hanging: a request's fork is still
+/// running after the primary answered, until `secondary_wait` (2 s) spools
+/// the backup's copy, which the replay then delivers.
+async fn fork_held_by_a_hanging_backup() -> (Sink, Sink, Daemon) {
     let primary = sink().await;
-    // The backup's live copy hangs, so the fork is still running when the
-    // client leaves: the copy is spooled `secondary_wait` after the primary
-    // answered, and delivered by the replay.
     let backup = sink_scripted([Behavior::Hang]).await;
     let d = Daemon::start(
         &Conf::pair(&primary, &backup)
@@ -269,6 +268,25 @@ async fn a_client_that_leaves_after_its_whole_body_still_has_its_request_forked_
             .target_line("backup", "timeout = \"60s\""),
     )
     .await;
+    (primary, backup, d)
+}
+
+/// The fork ran to its end: delivered live to the primary, spooled for the
+/// backup and delivered by the replay.
+async fn assert_backup_got_it_by_replay(primary: &Sink, backup: &Sink, d: &Daemon, body: &str) {
+    wait_for("the backup's copy to be spooled and replayed", async || {
+        backup.delivered_count() == 1
+    })
+    .await;
+    assert_eq!(backup.delivered()[0].body, body);
+    assert_eq!(d.target_result("backup", "spooled").await, 1.0);
+    assert_eq!(d.target_result("primary", "delivered").await, 1.0);
+    assert_eq!(primary.received().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_after_its_whole_body_still_has_its_request_forked_to_every_target() {
+    let (primary, backup, d) = fork_held_by_a_hanging_backup().await;
 
     let mut s = connect(d.running().addr).await;
     write_all(
@@ -282,13 +300,7 @@ async fn a_client_that_leaves_after_its_whole_body_still_has_its_request_forked_
     .await;
     drop(s);
 
-    wait_for("the backup's copy to be spooled and replayed", async || {
-        backup.delivered_count() == 1
-    })
-    .await;
-    assert_eq!(backup.delivered()[0].body, "bye!");
-    assert_eq!(d.target_result("backup", "spooled").await, 1.0);
-    assert_eq!(d.target_result("primary", "delivered").await, 1.0);
+    assert_backup_got_it_by_replay(&primary, &backup, &d, "bye!").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1102,17 +1114,7 @@ async fn a_backup_slower_than_secondary_wait_is_spooled_and_delivered_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_that_resets_its_stream_after_the_body_still_has_its_request_forked_to_every_target()
  {
-    let primary = sink().await;
-    // The backup's live copy hangs, so the fork is still running when the
-    // client resets the stream: the copy is spooled `secondary_wait` after
-    // the primary answered, and delivered by the replay.
-    let backup = sink_scripted([Behavior::Hang]).await;
-    let d = Daemon::start(
-        &Conf::pair(&primary, &backup)
-            .routing("secondary_wait = \"2s\"")
-            .target_line("backup", "timeout = \"60s\""),
-    )
-    .await;
+    let (primary, backup, d) = fork_held_by_a_hanging_backup().await;
 
     let stream = connect(d.running().addr).await;
     let (mut sender, conn) =
@@ -1134,13 +1136,7 @@ async fn an_http2_client_that_resets_its_stream_after_the_body_still_has_its_req
     // stays open.
     request.abort();
 
-    wait_for("the backup's copy to be spooled and replayed", async || {
-        backup.delivered_count() == 1
-    })
-    .await;
-    assert_eq!(backup.delivered()[0].body, "reset!");
-    assert_eq!(d.target_result("backup", "spooled").await, 1.0);
-    assert_eq!(d.target_result("primary", "delivered").await, 1.0);
+    assert_backup_got_it_by_replay(&primary, &backup, &d, "reset!").await;
     assert!(
         !sender.is_closed(),
         "the connection was closed, not the stream"
