@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! SPEC.md promises not covered by the other modules: `secondary_wait` bounds
-//! the client's wait, the oldest-record age, the in-flight budget for chunked
+//! the client's wait (and holds it for a backup that answers in time), the oldest-record age, the in-flight budget for chunked
 //! bodies, the gauges while draining, and the mode of `routing.state`.
 
 use std::os::unix::fs::PermissionsExt;
@@ -42,6 +42,28 @@ async fn in_active_active_a_backup_that_never_answers_does_not_hold_the_client_p
     assert_eq!(d.target_result("backup", "delivered").await, 0.0);
     assert_eq!(d.target_result("primary", "delivered").await, 1.0);
     assert_eq!(d.target_status("backup").await["buffer_records"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_active_active_a_backup_that_answers_within_secondary_wait_is_delivered_live_not_spooled()
+ {
+    let primary = sink_with(Behavior::Status(201)).await;
+    // The backup answers well after the primary, well within secondary_wait.
+    let backup = sink_with(Behavior::Delay(Duration::from_millis(300), 200)).await;
+    let d = Daemon::start(&Conf::pair(&primary, &backup).routing("secondary_wait = \"30s\"")).await;
+
+    let r = d.post("/aa", "both live").await;
+
+    assert_eq!(r.status, 201, "the primary's answer: {}", r.text());
+    assert_eq!(
+        backup.delivered().len(),
+        1,
+        "the client was answered before the backup's copy had its outcome"
+    );
+    assert_eq!(d.target_result("backup", "delivered").await, 1.0);
+    assert_eq!(d.target_result("backup", "spooled").await, 0.0);
+    assert_eq!(d.target_status("backup").await["buffer_records"], 0);
+    assert_eq!(d.target_status("backup").await["state"], "up");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
