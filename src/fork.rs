@@ -271,7 +271,7 @@ impl Fork {
         }
         let deadline = started_deadline(started, server.request_timeout);
         let (parts, body) = req.into_parts();
-        let (body, _permits) = match self.read_body(body, declared, max_body, deadline).await {
+        let (body, budget) = match self.read_body(body, declared, max_body, deadline).await {
             Ok(v) => v,
             Err(resp) => return resp,
         };
@@ -287,7 +287,7 @@ impl Fork {
             headers: upstream::end_to_end_headers(parts.headers, client),
             body,
         };
-        self.fork(record, routing).await
+        self.fork(record, routing, budget).await
     }
 
     /// Reads the whole body within the budget, the size limit and the deadline.
@@ -377,8 +377,10 @@ impl Fork {
         }
     }
 
-    /// Admission, dispatch and the answer for a request whose body is read.
-    async fn fork(&self, record: Record, routing: &Arc<Routing>) -> Resp {
+    /// Admission, dispatch and the answer for a request whose body is read;
+    /// `budget` holds the body's share of `max_inflight_bytes` until every
+    /// copy has its outcome.
+    async fn fork(&self, record: Record, routing: &Arc<Routing>, budget: Inflight) -> Resp {
         let counted = InFlight::enter(&self.in_flight);
         let cfg = &routing.config;
         let selected = routing.selected();
@@ -414,24 +416,35 @@ impl Fork {
         // One clock read for every copy's deadline and latency.
         let started = Instant::now();
         let copies = selected.iter().zip(admissions).map(|(t, admission)| {
-            let t = t.clone();
-            let record = record.clone();
-            Copy::Running(Box::pin(async move {
-                copy(&t, record, admission, started).await
-            }))
+            let (t, record) = (t.clone(), record.clone());
+            match admission {
+                Admission::Full => Copy::Done(Outcome::Failed),
+                Admission::Dropped => {
+                    t.count_result("dropped");
+                    Copy::Done(Outcome::Dropped)
+                }
+                Admission::Spool(reservation) => {
+                    Copy::Spooling(Box::pin(
+                        async move { spool(&t, reservation, &record).await },
+                    ))
+                }
+                Admission::Live => {
+                    Copy::Live(Box::pin(
+                        async move { send_copy(&t, &record, started).await },
+                    ))
+                }
+            }
         });
         let mut copies = Copies {
             copies: copies.collect(),
             routing: routing.clone(),
             record,
             active: selected.iter().position(|t| t.name == active),
-            // Non-active copies may hold the answer back at most
-            // `secondary_wait` after the active copy has its outcome.
-            wait: match cfg.raw.routing.mode {
-                Mode::ActiveActive => Wait::After(cfg.raw.routing.secondary_wait),
-                Mode::ActivePassive => Wait::Passed,
-            },
-            counted: Some(counted),
+            // Only active-active forks to several targets. Non-active copies
+            // may hold the answer back at most `secondary_wait` after the
+            // active copy has its outcome.
+            wait: Wait::After(cfg.raw.routing.secondary_wait),
+            held: Some((counted, budget)),
             detached: false,
         };
         copies.join().await;
@@ -439,7 +452,7 @@ impl Fork {
             .into_iter()
             .map(|c| match c {
                 Copy::Done(outcome) => outcome,
-                Copy::Running(_) | Copy::Spooling(_) => Outcome::Failed,
+                Copy::Live(_) | Copy::Spooling(_) => Outcome::Failed,
             });
         self.answer(cfg, selected, active, outcomes)
     }
@@ -527,8 +540,10 @@ impl Fork {
 
 /// One copy of a request under [`Copies`].
 enum Copy<F> {
-    Running(Pin<Box<F>>),
-    /// Abandoned by `secondary_wait`: being spooled.
+    /// Its live send ([`send_copy`]): an outcome, or `None` to spool it.
+    Live(Pin<Box<F>>),
+    /// Being appended to its target's spool: admitted so, or its live send
+    /// failed or was abandoned.
     Spooling(Pin<Box<dyn Future<Output = Outcome> + Send>>),
     Done(Outcome),
 }
@@ -539,12 +554,16 @@ enum Wait {
     /// The active copy is still running: the others may take this long
     /// after it has its outcome.
     After(Duration),
-    /// The active copy has its outcome: copies still running at this
+    /// The active copy has its outcome: live sends still running at this
     /// instant are abandoned and spooled.
     Until(Instant),
-    /// No (more) waiting to bound: active-passive, or already passed.
+    /// No (more) waiting to bound: passed already, or too long to bound.
     Passed,
 }
+
+/// A `secondary_wait` longer than this is as good as for ever (and keeps
+/// the deadline far from the end of the clock's range).
+const FOREVER: Duration = Duration::from_secs(365 * 86_400);
 
 /// The copies of a request forked to several targets, run to their
 /// outcomes by [`Copies::join`].
@@ -553,9 +572,12 @@ enum Wait {
 /// stream, or its connection closed, while forkd waited for a target), it
 /// hands the copies still running to a task of their own: a fork never
 /// stops half-way, with the request sent to one target and neither sent nor
-/// spooled for another. The task counts in [`Fork::in_flight`], so shutdown
-/// waits for it.
-struct Copies<F: Future<Output = Outcome> + Send + 'static> {
+/// spooled for another. The copies run on as if the client were still
+/// there (`secondary_wait` included, as for an HTTP/1 client that left,
+/// whose request runs on in its connection's task); the task keeps the
+/// request counted in [`Fork::in_flight`] (shutdown waits for it) and keeps
+/// the body's share of `max_inflight_bytes`.
+struct Copies<F: Future<Output = Option<Outcome>> + Send + 'static> {
     /// In the order of `routing.selected()`.
     copies: Vec<Copy<F>>,
     routing: Arc<Routing>,
@@ -563,32 +585,25 @@ struct Copies<F: Future<Output = Outcome> + Send + 'static> {
     /// The active target's copy, whose outcome starts `secondary_wait`.
     active: Option<usize>,
     wait: Wait,
-    counted: Option<InFlight>,
+    /// The request's place in `Fork::in_flight` and its body budget.
+    held: Option<(InFlight, Inflight)>,
     /// Run by the task of a dropped request: not handed on again.
     detached: bool,
 }
 
-impl<F: Future<Output = Outcome> + Send + 'static> Copies<F> {
+impl<F: Future<Output = Option<Outcome>> + Send + 'static> Copies<F> {
     /// Runs every copy to its outcome, polling them all on each wake-up.
     /// Once the active copy has its outcome, one timer bounds the others:
-    /// those still running `secondary_wait` later are abandoned and spooled.
-    /// A copy whose answer is in when the active copy finishes never arms
-    /// the timer (every copy is polled before it is armed).
+    /// live sends still running `secondary_wait` later are abandoned and
+    /// spooled. A copy whose answer is in when the active copy finishes
+    /// never arms the timer (every copy is polled before it is armed).
     async fn join(&mut self) {
         let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
         std::future::poll_fn(|cx| {
             loop {
                 let mut running = false;
-                for c in &mut self.copies {
-                    let f = match c {
-                        Copy::Running(f) => f.as_mut() as Pin<&mut dyn Future<Output = Outcome>>,
-                        Copy::Spooling(f) => f.as_mut(),
-                        Copy::Done(_) => continue,
-                    };
-                    match f.poll(cx) {
-                        Poll::Ready(outcome) => *c = Copy::Done(outcome),
-                        Poll::Pending => running = true,
-                    }
+                for i in 0..self.copies.len() {
+                    running |= self.poll_copy(i, cx).is_pending();
                 }
                 if !running {
                     return Poll::Ready(());
@@ -602,8 +617,7 @@ impl<F: Future<Output = Outcome> + Send + 'static> Copies<F> {
                         if !active_done {
                             return Poll::Pending;
                         }
-                        // A wait too long for the clock never passes.
-                        let Some(until) = Instant::now().checked_add(wait) else {
+                        let Some(until) = Instant::now().checked_add(wait.min(FOREVER)) else {
                             self.wait = Wait::Passed;
                             return Poll::Pending;
                         };
@@ -624,18 +638,50 @@ impl<F: Future<Output = Outcome> + Send + 'static> Copies<F> {
                     return Poll::Pending;
                 }
                 self.wait = Wait::Passed;
-                self.abandon_running();
+                self.abandon_live();
             }
         })
         .await;
     }
 
-    /// `secondary_wait` has passed: the copies still running give up their
-    /// live sends and are spooled (the target has a backlog now).
-    fn abandon_running(&mut self) {
+    /// Polls copy `i` until it is pending or done; a live send that failed
+    /// goes on to the spool at once.
+    fn poll_copy(&mut self, i: usize, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let Some(c) = self.copies.get_mut(i) else {
+            return Poll::Ready(());
+        };
+        loop {
+            match c {
+                Copy::Live(f) => match f.as_mut().poll(cx) {
+                    Poll::Ready(Some(outcome)) => *c = Copy::Done(outcome),
+                    Poll::Ready(None) => {
+                        let Some(t) = self.routing.selected().get(i) else {
+                            *c = Copy::Done(Outcome::Failed);
+                            continue;
+                        };
+                        let (t, record) = (t.clone(), self.record.clone());
+                        *c = Copy::Spooling(Box::pin(async move {
+                            spool_after_failure(&t, &record).await
+                        }));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
+                Copy::Spooling(f) => match f.as_mut().poll(cx) {
+                    Poll::Ready(outcome) => *c = Copy::Done(outcome),
+                    Poll::Pending => return Poll::Pending,
+                },
+                Copy::Done(_) => return Poll::Ready(()),
+            }
+        }
+    }
+
+    /// `secondary_wait` has passed: the live sends still running are given
+    /// up and their copies spooled (the target has a backlog now). Copies
+    /// already on their way to the spool are left to finish.
+    fn abandon_live(&mut self) {
         let targets = self.routing.selected();
         for (c, t) in self.copies.iter_mut().zip(targets) {
-            if !matches!(c, Copy::Running(_)) {
+            if !matches!(c, Copy::Live(_)) {
                 continue;
             }
             tracing::info!(
@@ -652,9 +698,13 @@ impl<F: Future<Output = Outcome> + Send + 'static> Copies<F> {
     }
 }
 
-impl<F: Future<Output = Outcome> + Send + 'static> Drop for Copies<F> {
+impl<F: Future<Output = Option<Outcome>> + Send + 'static> Drop for Copies<F> {
     fn drop(&mut self) {
-        if self.detached || self.copies.iter().all(|c| matches!(c, Copy::Done(_))) {
+        // A panic in a copy: its future cannot be polled again.
+        if self.detached
+            || std::thread::panicking()
+            || self.copies.iter().all(|c| matches!(c, Copy::Done(_)))
+        {
             return;
         }
         // No runtime: the process is ending, and the copies with it.
@@ -667,14 +717,15 @@ impl<F: Future<Output = Outcome> + Send + 'static> Drop for Copies<F> {
             record: self.record.clone(),
             active: self.active,
             wait: self.wait,
-            counted: self.counted.take(),
+            held: self.held.take(),
             detached: true,
         };
         runtime.spawn(async move { rest.join().await });
     }
 }
 
-/// One target's copy: live with fallback to the spool, or straight to the spool.
+/// One target's copy when it is the only one: live with fallback to the
+/// spool, or straight to the spool.
 async fn copy(
     t: &TargetRuntime,
     record: Arc<Record>,
@@ -688,29 +739,38 @@ async fn copy(
             Outcome::Dropped
         }
         Admission::Spool(reservation) => spool(t, reservation, &record).await,
-        Admission::Live => match t.send_live(&record, started).await {
-            Attempt::Delivered(a) => {
-                t.count_result("delivered");
-                Outcome::Answered(a)
-            }
-            Attempt::Rejected(a) => {
-                t.keep_rejected(&record, &a);
-                Outcome::Rejected(a)
-            }
-            Attempt::Transient {
-                reason,
-                detail,
-                retry_after,
-                ..
-            } => {
-                tracing::info!(
-                    target = %t.name, request_id = %record.request_id,
-                    reason = reason.as_str(), %detail, "live send failed; spooling"
-                );
-                t.mark_down(retry_after);
-                spool_after_failure(t, &record).await
-            }
+        Admission::Live => match send_copy(t, &record, started).await {
+            Some(outcome) => outcome,
+            None => spool_after_failure(t, &record).await,
         },
+    }
+}
+
+/// A copy's live send: its outcome, or `None` when it failed in a way worth
+/// retrying and the copy is to be spooled (the target is marked down).
+async fn send_copy(t: &TargetRuntime, record: &Record, started: Instant) -> Option<Outcome> {
+    match t.send_live(record, started).await {
+        Attempt::Delivered(a) => {
+            t.count_result("delivered");
+            Some(Outcome::Answered(a))
+        }
+        Attempt::Rejected(a) => {
+            t.keep_rejected(record, &a);
+            Some(Outcome::Rejected(a))
+        }
+        Attempt::Transient {
+            reason,
+            detail,
+            retry_after,
+            ..
+        } => {
+            tracing::info!(
+                target = %t.name, request_id = %record.request_id,
+                reason = reason.as_str(), %detail, "live send failed; spooling"
+            );
+            t.mark_down(retry_after);
+            None
+        }
     }
 }
 

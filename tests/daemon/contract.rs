@@ -67,6 +67,33 @@ async fn in_active_active_a_backup_that_answers_within_secondary_wait_is_deliver
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secondary_wait_never_spools_a_copy_twice_when_the_backups_spool_write_outlasts_it() {
+    let primary = sink().await;
+    let mut backup = stopped_sink().await;
+    // `0s`, and 4 MiB bodies synced to disk: every copy for the down backup
+    // is still being written to its spool when the primary has answered and
+    // the wait ends.
+    let d = Daemon::start(&Conf::pair(&primary, &backup).routing("secondary_wait = \"0s\"")).await;
+
+    let bodies: Vec<String> = (0..5)
+        .map(|i| format!("rec-{i}-{}", "x".repeat(4 << 20)))
+        .collect();
+    for b in &bodies {
+        assert_eq!(d.post("/s", b.clone()).await.status, 200);
+    }
+
+    assert_eq!(d.target_status("backup").await["buffer_records"], 5);
+    assert_eq!(d.target_result("backup", "spooled").await, 5.0);
+    backup.restart().await.unwrap();
+    d.wait_drained("backup").await;
+    assert_eq!(
+        delivered_bodies(&backup),
+        bodies,
+        "each record once, in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_oldest_record_age_grows_while_a_record_waits_and_is_0_once_the_spool_drains() {
     let primary = sink().await;
     let mut backup = stopped_sink().await;

@@ -1111,30 +1111,76 @@ async fn a_backup_slower_than_secondary_wait_is_spooled_and_delivered_later() {
 
 // ------------------------------------------------------------- h2c and auth
 
+/// An HTTP/2 (prior knowledge) connection to forkd.
+async fn h2c_sender(d: &Daemon) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = connect(d.running().addr).await;
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// Posts `body` over HTTP/2 and, once the primary has it (the fork is
+/// running), drops the answer's future: hyper sends RST_STREAM(CANCEL) and
+/// the connection, kept open by the returned sender, stays up.
+async fn post_h2_and_reset(
+    d: &Daemon,
+    primary: &Sink,
+    path: &str,
+    body: impl Into<Bytes>,
+) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let mut sender = h2c_sender(d).await;
+    let before = primary.received().len();
+    let answer = sender.send_request(
+        Request::post(d.url(path))
+            .body(Full::new(body.into()))
+            .unwrap(),
+    );
+    let request = tokio::spawn(answer);
+    wait_for("the primary to get the request", async || {
+        primary.received().len() > before
+    })
+    .await;
+    request.abort();
+    sender
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copies_of_a_reset_http2_request_keep_its_body_in_the_in_flight_budget() {
+    let primary = sink().await;
+    let backup = sink_scripted([Behavior::Hang]).await;
+    // The backup holds the fork for 30 s after the primary answered; the
+    // budget has room for one 48 KiB body, and a request waits 1 s for it.
+    let d = Daemon::start(
+        &Conf::pair(&primary, &backup)
+            .routing("secondary_wait = \"30s\"")
+            .target_line("backup", "timeout = \"60s\"")
+            .server("max_inflight_bytes = \"64KiB\"")
+            .server("max_body_size = \"64KiB\"")
+            .server("request_timeout = \"1s\""),
+    )
+    .await;
+    let _h2 = post_h2_and_reset(&d, &primary, "/first", vec![b'a'; 48 << 10]).await;
+
+    // The first body is still held by its copies: no room for a second.
+    let second = d.post("/second", vec![b'b'; 48 << 10]).await;
+
+    assert_eq!(second.status, 503, "{}", second.text());
+    assert_eq!(primary.received().len(), 1, "the second request was sent");
+    assert_eq!(
+        d.metric("forkd_inflight_bytes", &[]).await,
+        f64::from(48u32 << 10)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_that_resets_its_stream_after_the_body_still_has_its_request_forked_to_every_target()
  {
     let (primary, backup, d) = fork_held_by_a_hanging_backup().await;
 
-    let stream = connect(d.running().addr).await;
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let answer = sender.send_request(
-        Request::post(d.url("/reset"))
-            .body(Full::new(Bytes::from("reset!")))
-            .unwrap(),
-    );
-    let request = tokio::spawn(answer);
-    wait_for("the primary to get the request", async || {
-        primary.received().len() == 1
-    })
-    .await;
-    // Dropping the answer's future sends RST_STREAM(CANCEL); the connection
-    // stays open.
-    request.abort();
+    let sender = post_h2_and_reset(&d, &primary, "/reset", "reset!").await;
 
     assert_backup_got_it_by_replay(&primary, &backup, &d, "reset!").await;
     assert!(
@@ -1149,12 +1195,7 @@ async fn an_h2c_prior_knowledge_client_is_answered_and_its_request_forked() {
     let backup = sink().await;
     let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
 
-    let stream = connect(d.running().addr).await;
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c_sender(&d).await;
     let resp = sender
         .send_request(
             Request::post(d.url("/v1/metrics"))
