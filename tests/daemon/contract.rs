@@ -33,11 +33,11 @@ async fn in_active_active_a_backup_that_never_answers_does_not_hold_the_client_p
 
     assert_eq!(r.status, 201, "the primary's answer: {}", r.text());
     assert_eq!(delivered_bodies(&primary), ["answer me"]);
-    assert_eq!(
-        backup.received().len(),
-        1,
-        "the live copy reached the backup"
-    );
+    // The live copy reached the backup; the replay of the spooled copy may
+    // have followed it already (the backup hangs on both).
+    let got = backup.received();
+    assert!(!got.is_empty(), "the live copy never reached the backup");
+    assert!(got.iter().all(|r| r.body == "answer me"));
     assert_eq!(d.target_result("backup", "spooled").await, 1.0);
     assert_eq!(d.target_result("backup", "delivered").await, 0.0);
     assert_eq!(d.target_result("primary", "delivered").await, 1.0);
