@@ -260,15 +260,21 @@ async fn a_client_that_disconnects_mid_body_causes_nothing_to_be_sent_or_spooled
 /// running after the primary answered, until `secondary_wait` (2 s) spools
 /// the backup's copy, which the replay then delivers.
 async fn fork_held_by_a_hanging_backup() -> (Sink, Sink, Daemon) {
+    let (primary, backup, conf) = with_a_hanging_backup("2s").await;
+    let d = Daemon::start(&conf).await;
+    (primary, backup, d)
+}
+
+/// A primary, and a backup whose first live copy hangs (its timeout is
+/// 60 s; it answers the requests after that one), configured as a pair
+/// with this `secondary_wait`.
+async fn with_a_hanging_backup(secondary_wait: &str) -> (Sink, Sink, Conf) {
     let primary = sink().await;
     let backup = sink_scripted([Behavior::Hang]).await;
-    let d = Daemon::start(
-        &Conf::pair(&primary, &backup)
-            .routing("secondary_wait = \"2s\"")
-            .target_line("backup", "timeout = \"60s\""),
-    )
-    .await;
-    (primary, backup, d)
+    let conf = Conf::pair(&primary, &backup)
+        .routing(&format!("secondary_wait = \"{secondary_wait}\""))
+        .target_line("backup", "timeout = \"60s\"");
+    (primary, backup, conf)
 }
 
 /// The fork ran to its end: delivered live to the primary, spooled for the
@@ -1085,15 +1091,9 @@ async fn an_answer_body_over_1_mib_gives_502() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_slower_than_secondary_wait_is_spooled_and_delivered_later() {
-    let primary = sink().await;
     // The live copy hangs; the replay is answered.
-    let backup = sink_scripted([Behavior::Hang]).await;
-    let d = Daemon::start(
-        &Conf::pair(&primary, &backup)
-            .routing("secondary_wait = \"100ms\"")
-            .target_line("backup", "timeout = \"60s\""),
-    )
-    .await;
+    let (_primary, backup, conf) = with_a_hanging_backup("100ms").await;
+    let d = Daemon::start(&conf).await;
 
     let r = d.post("/x", "slow backup").await;
 
@@ -1149,14 +1149,11 @@ async fn post_h2_and_reset(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_copies_of_a_reset_http2_request_keep_its_body_in_the_in_flight_budget() {
-    let primary = sink().await;
-    let backup = sink_scripted([Behavior::Hang]).await;
     // The backup holds the fork for 30 s after the primary answered; the
     // budget has room for one 48 KiB body, and a request waits 1 s for it.
+    let (primary, _backup, conf) = with_a_hanging_backup("30s").await;
     let d = Daemon::start(
-        &Conf::pair(&primary, &backup)
-            .routing("secondary_wait = \"30s\"")
-            .target_line("backup", "timeout = \"60s\"")
+        &conf
             .server("max_inflight_bytes = \"64KiB\"")
             .server("max_body_size = \"64KiB\"")
             .server("request_timeout = \"1s\""),
