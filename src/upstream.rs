@@ -29,7 +29,7 @@ pub use pipe::Pipe;
 use pipe::{PipeErrorKind, RawAnswer};
 
 /// Times a request is sent again when its connection closed before it was
-/// answered (see [`pipe`]).
+/// answered (see [`pipe`](mod@pipe)).
 const NOT_SENT_RETRIES: usize = 2;
 
 /// Largest answer body relayed to a client; larger answers give 502.

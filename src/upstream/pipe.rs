@@ -176,7 +176,7 @@ impl Pipe {
     }
 
     /// Gives up every request waiting on this pipe and any sent later: each
-    /// gets [`PipeErrorKind::Abandoned`] at once. Shutdown uses it when its
+    /// gets `PipeErrorKind::Abandoned` at once. Shutdown uses it when its
     /// bound has passed, so the callers spool their copies.
     pub fn abandon(&self) {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
