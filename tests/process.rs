@@ -284,6 +284,18 @@ fn sink(rt: &tokio::runtime::Runtime) -> Sink {
     rt.block_on(SinkBuilder::new().start()).unwrap()
 }
 
+/// Two sinks on a runtime of their own, and a setup whose config (written,
+/// its path last) forks active-active between them, the primary active.
+/// Bound in this order, the runtime is dropped last.
+fn active_active_pair() -> (tokio::runtime::Runtime, Sink, Sink, Setup, PathBuf) {
+    let rt = runtime();
+    let primary = sink(&rt);
+    let backup = sink(&rt);
+    let s = Setup::new();
+    let path = s.write(&s.config("active-active", "primary", &primary.url(), &backup.url()));
+    (rt, primary, backup, s, path)
+}
+
 /// A test's files: the config and the spool directory.
 struct Setup {
     dir: TempDir,
@@ -658,11 +670,7 @@ fn run_refuses_an_invalid_config_before_binding_or_opening_anything() {
 
 #[test]
 fn run_on_a_spool_locked_by_another_forkd_exits_1_naming_the_directory() {
-    let rt = runtime();
-    let primary = sink(&rt);
-    let backup = sink(&rt);
-    let s = Setup::new();
-    let path = s.write(&s.config("active-active", "primary", &primary.url(), &backup.url()));
+    let (_rt, _primary, _backup, s, path) = active_active_pair();
     let mut first = Daemon::start(&path);
 
     let out = output(&["run", "--config", path.to_str().unwrap()], &[]);
@@ -711,11 +719,7 @@ fn run_on_an_address_in_use_exits_1_with_one_line() {
 
 #[test]
 fn run_with_the_short_flag_c_serves_and_reloads_like_config() {
-    let rt = runtime();
-    let primary = sink(&rt);
-    let backup = sink(&rt);
-    let s = Setup::new();
-    let path = s.write(&s.config("active-active", "primary", &primary.url(), &backup.url()));
+    let (_rt, primary, backup, s, path) = active_active_pair();
     let mut cmd = forkd();
     cmd.args(["run", "-c"]).arg(&path);
     let harness::Started {
@@ -816,10 +820,7 @@ fn with_log_format_json_every_stderr_line_is_a_json_object_with_level_and_messag
 
 #[test]
 fn log_level_warn_shows_warnings_and_suppresses_the_info_start_line() {
-    let rt = runtime();
-    let primary = sink(&rt);
-    let backup = sink(&rt);
-    let s = Setup::new();
+    let (_rt, primary, backup, s, _) = active_active_pair();
     // `when_full = "reject"` on a secondary target is a config warning,
     // logged at start at warn level.
     let config = format!(
@@ -854,11 +855,7 @@ fn log_level_warn_shows_warnings_and_suppresses_the_info_start_line() {
 
 #[test]
 fn sighup_reloads_a_changed_config() {
-    let rt = runtime();
-    let primary = sink(&rt);
-    let backup = sink(&rt);
-    let s = Setup::new();
-    let path = s.write(&s.config("active-active", "primary", &primary.url(), &backup.url()));
+    let (_rt, primary, backup, s, path) = active_active_pair();
     let mut d = Daemon::start(&path);
     let st = d.status();
     assert_eq!(st["mode"], "active-active");
@@ -890,11 +887,7 @@ fn sighup_reloads_a_changed_config() {
 
 #[test]
 fn sighup_with_an_invalid_config_keeps_the_old_one_running() {
-    let rt = runtime();
-    let primary = sink(&rt);
-    let backup = sink(&rt);
-    let s = Setup::new();
-    let path = s.write(&s.config("active-active", "primary", &primary.url(), &backup.url()));
+    let (_rt, primary, backup, s, path) = active_active_pair();
     let mut d = Daemon::start(&path);
     assert!(
         d.metrics()

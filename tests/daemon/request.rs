@@ -123,15 +123,21 @@ async fn delete_and_patch_get_405_with_an_allow_header_and_reach_no_target() {
     assert!(backup.received().is_empty());
 }
 
+/// forkd with one target, `primary`, and these `[server]` lines.
+async fn primary_only(server: &[&str]) -> (Sink, Daemon) {
+    let primary = sink().await;
+    let conf = server
+        .iter()
+        .fold(Conf::new().target("primary", &primary.url()), |c, l| {
+            c.server(l)
+        });
+    let d = Daemon::start(&conf).await;
+    (primary, d)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_method_left_out_of_server_methods_gets_405() {
-    let primary = sink().await;
-    let d = Daemon::start(
-        &Conf::new()
-            .target("primary", &primary.url())
-            .server("methods = [\"POST\"]"),
-    )
-    .await;
+    let (primary, d) = primary_only(&["methods = [\"POST\"]"]).await;
 
     let r = d
         .send(
@@ -341,13 +347,7 @@ async fn expect_100_continue_is_answered_by_forkd_before_the_body_is_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_100_continue_with_a_body_over_the_limit_gets_413_without_continue() {
-    let primary = sink().await;
-    let d = Daemon::start(
-        &Conf::new()
-            .target("primary", &primary.url())
-            .server("max_body_size = \"1KiB\""),
-    )
-    .await;
+    let (primary, d) = primary_only(&["max_body_size = \"1KiB\""]).await;
 
     let mut s = connect(d.running().addr).await;
     write_all(
@@ -368,13 +368,7 @@ async fn expect_100_continue_with_a_body_over_the_limit_gets_413_without_continu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_too_slow_to_send_its_body_gets_an_error_and_nothing_is_forwarded() {
-    let primary = sink().await;
-    let d = Daemon::start(
-        &Conf::new()
-            .target("primary", &primary.url())
-            .server("request_timeout = \"300ms\""),
-    )
-    .await;
+    let (primary, d) = primary_only(&["request_timeout = \"300ms\""]).await;
 
     let mut s = connect(d.running().addr).await;
     write_all(
@@ -395,14 +389,8 @@ async fn request_timeout_counts_the_headers_too_not_only_the_body() {
     // SPEC: request_timeout bounds the whole request, headers and body. The
     // head trickles in over ~1.5 s and the body over ~1.5 s more: each half
     // fits in the 2 s request_timeout, the whole does not.
-    let primary = sink().await;
-    let d = Daemon::start(
-        &Conf::new()
-            .target("primary", &primary.url())
-            .server("request_timeout = \"2s\"")
-            .server("header_read_timeout = \"10s\""),
-    )
-    .await;
+    let (primary, d) =
+        primary_only(&["request_timeout = \"2s\"", "header_read_timeout = \"10s\""]).await;
     let pace = std::time::Duration::from_millis(150);
 
     let mut s = connect(d.running().addr).await;
@@ -426,8 +414,7 @@ async fn request_timeout_counts_the_headers_too_not_only_the_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_body_with_trailers_is_forwarded_whole_without_the_trailers() {
-    let primary = sink().await;
-    let d = Daemon::start(&Conf::new().target("primary", &primary.url())).await;
+    let (primary, d) = primary_only(&[]).await;
 
     let mut s = connect(d.running().addr).await;
     write_all(
@@ -686,8 +673,7 @@ async fn hop_by_hop_headers_and_those_named_in_connection_are_not_forwarded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_header_is_not_forwarded() {
-    let primary = sink().await;
-    let d = Daemon::start(&Conf::new().target("primary", &primary.url())).await;
+    let (primary, d) = primary_only(&[]).await;
 
     let mut s = connect(d.running().addr).await;
     write_all(
@@ -1281,13 +1267,7 @@ async fn a_request_whose_target_answers_after_header_read_timeout_is_answered_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_connection_idle_longer_than_header_read_timeout_is_closed() {
     use tokio::io::AsyncReadExt;
-    let primary = sink().await;
-    let d = Daemon::start(
-        &Conf::new()
-            .target("primary", &primary.url())
-            .server("header_read_timeout = \"300ms\""),
-    )
-    .await;
+    let (primary, d) = primary_only(&["header_read_timeout = \"300ms\""]).await;
 
     let mut s = connect(d.running().addr).await;
     write_all(

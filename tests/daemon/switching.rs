@@ -2,7 +2,7 @@
 //! SPEC.md "Switching and reload" and "Shutdown".
 
 use bytes::Bytes;
-use forkd::sink::Behavior;
+use forkd::sink::{Behavior, Sink};
 use http::{Method, Request};
 use http_body_util::Full;
 
@@ -338,20 +338,11 @@ async fn at_the_shutdown_bound_copies_still_waiting_for_a_target_are_spooled_and
         .target_line("primary", "timeout = \"60s\"");
     let mut d = Daemon::start(&conf).await;
 
-    let in_flight = post_in_background(&d, "/held", "held at shutdown");
-    wait_for("the request to reach the hanging primary", async || {
-        primary.received().len() == 1
-    })
-    .await;
-    d.shutdown().await;
+    let status = shut_down_with_a_request_at(&mut d, &primary, "/held", "held at shutdown").await;
 
     // Answered, not cut off: the active copy was spooled, so the backup's
     // answer is relayed.
-    let resp = in_flight
-        .await
-        .unwrap()
-        .expect("the in-flight request got no answer");
-    assert_eq!(resp.status(), 200);
+    assert_eq!(status, 200);
     assert_eq!(bodies(&backup), ["held at shutdown"]);
 
     primary.set_default(Behavior::Status(200));
@@ -367,18 +358,8 @@ async fn shutdown_lets_an_in_flight_request_finish_and_a_restart_reopens_the_spo
     let mut backup = stopped_sink().await;
     let mut d = Daemon::start(&Conf::pair(&primary, &backup)).await;
 
-    let in_flight = post_in_background(&d, "/slow", "in flight");
-    wait_for("the request to reach the slow primary", async || {
-        primary.received().len() == 1
-    })
-    .await;
-    d.shutdown().await;
-
-    let resp = in_flight
-        .await
-        .unwrap()
-        .expect("the in-flight request got no answer");
-    assert_eq!(resp.status(), 201);
+    let status = shut_down_with_a_request_at(&mut d, &primary, "/slow", "in flight").await;
+    assert_eq!(status, 201);
 
     d.boot().await;
     assert_eq!(d.target_status("backup").await["buffer_records"], 1);
@@ -387,17 +368,28 @@ async fn shutdown_lets_an_in_flight_request_finish_and_a_restart_reopens_the_spo
     assert_eq!(bodies(&backup), ["in flight"]);
 }
 
-/// Sends a POST from a task of its own: its answer is awaited later.
-fn post_in_background(
-    d: &Daemon,
+/// Shuts forkd down while a POST to `path` is at `primary` (sent from a
+/// task of its own, awaited once the shutdown is done), and returns the
+/// status the client got: a request in flight must be answered, not cut off.
+async fn shut_down_with_a_request_at(
+    d: &mut Daemon,
+    primary: &Sink,
     path: &str,
     body: &'static str,
-) -> tokio::task::JoinHandle<
-    Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
-> {
+) -> http::StatusCode {
     let client = d.client.clone();
     let req = Request::post(d.url(path))
         .body(Full::new(Bytes::from(body)))
         .unwrap();
-    tokio::spawn(async move { client.request(req).await })
+    let in_flight = tokio::spawn(async move { client.request(req).await });
+    wait_for("the request to reach the primary", async || {
+        primary.received().len() == 1
+    })
+    .await;
+    d.shutdown().await;
+    in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request got no answer")
+        .status()
 }
