@@ -137,6 +137,11 @@ impl Daemon {
     fn start(config: &Path) -> Daemon {
         let mut cmd = forkd();
         cmd.args(["run", "--config"]).arg(config);
+        Daemon::spawn(cmd)
+    }
+
+    /// Starts `cmd` (a `forkd run`) and waits for `forkd started`.
+    fn spawn(cmd: Command) -> Daemon {
         let harness::Started {
             child,
             stderr,
@@ -722,18 +727,7 @@ fn run_with_the_short_flag_c_serves_and_reloads_like_config() {
     let (_rt, primary, backup, s, path) = active_active_pair();
     let mut cmd = forkd();
     cmd.args(["run", "-c"]).arg(&path);
-    let harness::Started {
-        child,
-        stderr,
-        addr,
-        admin,
-    } = harness::spawn_started(cmd);
-    let mut d = Daemon {
-        child,
-        stderr,
-        addr,
-        admin,
-    };
+    let mut d = Daemon::spawn(cmd);
 
     let r = d.post("short-flag", b"via -c");
     assert_eq!(r.status, 200, "{}", r.body_text());
@@ -989,16 +983,7 @@ fn sigterm_lets_an_in_flight_request_finish() {
     let s = Setup::new();
     let path = s.write(&s.config("active-passive", "primary", &primary.url(), NOWHERE));
     let mut d = Daemon::start(&path);
-    let addr = d.addr;
-    let client = std::thread::spawn(move || {
-        http(
-            addr,
-            "POST",
-            "/ingest",
-            &[("X-Request-Id", "in-flight")],
-            b"slow",
-        )
-    });
+    let client = post_in_flight(d.addr, b"slow");
     eventually("the request at the target", || {
         (!primary.received().is_empty()).then_some(())
     });
@@ -1007,6 +992,20 @@ fn sigterm_lets_an_in_flight_request_finish() {
     assert_eq!(r.status, 200, "{}", r.body_text());
     assert_eq!(d.wait().code(), Some(0), "{}", d.stderr());
     assert_eq!(primary.delivered().len(), 1);
+}
+
+/// POSTs `body` to `/ingest` (`X-Request-Id: in-flight`) from a thread of
+/// its own, for a test to signal forkd while the request is in flight.
+fn post_in_flight(addr: SocketAddr, body: &'static [u8]) -> std::thread::JoinHandle<Response> {
+    std::thread::spawn(move || {
+        http(
+            addr,
+            "POST",
+            "/ingest",
+            &[("X-Request-Id", "in-flight")],
+            body,
+        )
+    })
 }
 
 #[test]
@@ -1025,16 +1024,7 @@ fn after_sigterm_new_connections_are_refused_while_an_in_flight_request_complete
         Some(405),
         "before SIGTERM a new connection is served"
     );
-    let addr = d.addr;
-    let client = std::thread::spawn(move || {
-        http(
-            addr,
-            "POST",
-            "/ingest",
-            &[("X-Request-Id", "in-flight")],
-            b"held at the target",
-        )
-    });
+    let client = post_in_flight(d.addr, b"held at the target");
     gate.arrived
         .recv_timeout(DEADLINE)
         .expect("the request never reached the target");
