@@ -82,6 +82,8 @@ pub struct Budget {
 }
 
 const BUDGET_UNIT: u64 = 1024;
+/// Content type refused with 415 (compared ignoring case).
+const GRPC: &[u8] = b"application/grpc";
 
 fn units(bytes: u64) -> u32 {
     u32::try_from(bytes.div_ceil(BUDGET_UNIT)).unwrap_or(u32::MAX)
@@ -253,9 +255,11 @@ impl Fork {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| {
+                // Compared in place: no lowercased copy per request.
                 ct.trim_start()
-                    .to_ascii_lowercase()
-                    .starts_with("application/grpc")
+                    .as_bytes()
+                    .get(..GRPC.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(GRPC))
             })
         {
             return plain(
@@ -388,7 +392,7 @@ impl Fork {
             return unavailable("no target selected\n");
         }
         let size = record.encoded_len();
-        let refused = |t: &TargetRuntime| {
+        let refused = |t: &TargetRuntime, record: &Record| {
             tracing::warn!(target = %t.name, request_id = %record.request_id, "spool full; request refused");
             unavailable("spool full; retry later\n")
         };
@@ -399,44 +403,45 @@ impl Fork {
             // left half-done across targets: a live send already handed to
             // the connection still goes out, unanswered.)
             let admission = match t.admit(size) {
-                Admission::Full => return refused(t),
+                Admission::Full => return refused(t, &record),
                 a => a,
             };
             let outcome = copy(t, Arc::new(record), admission, Instant::now()).await;
             return self.answer(cfg, selected, active, [outcome]);
         }
-        let mut admissions = Vec::with_capacity(selected.len());
-        for t in selected {
-            match t.admit(size) {
-                Admission::Full => return refused(t),
-                a => admissions.push(a),
-            }
-        }
         let record = Arc::new(record);
         // One clock read for every copy's deadline and latency.
         let started = Instant::now();
-        let copies = selected.iter().zip(admissions).map(|(t, admission)| {
-            let (t, record) = (t.clone(), record.clone());
-            match admission {
-                Admission::Full => Copy::Done(Outcome::Failed),
-                Admission::Dropped => {
-                    t.count_result("dropped");
-                    Copy::Done(Outcome::Dropped)
-                }
+        // The copies are made as each target admits the request (a future
+        // does nothing until polled); a refusal drops them, and with them
+        // the spool reservations made so far.
+        let mut copies = Vec::with_capacity(selected.len());
+        for t in selected {
+            copies.push(match t.admit(size) {
+                Admission::Full => return refused(t, &record),
+                Admission::Dropped => Copy::Done(Outcome::Dropped),
                 Admission::Spool(reservation) => {
+                    let (t, record) = (t.clone(), record.clone());
                     Copy::Spooling(Box::pin(
                         async move { spool(&t, reservation, &record).await },
                     ))
                 }
                 Admission::Live => {
+                    let (t, record) = (t.clone(), record.clone());
                     Copy::Live(Box::pin(
                         async move { send_copy(&t, &record, started).await },
                     ))
                 }
+            });
+        }
+        // Counted once every target has admitted the request.
+        for (t, copy) in selected.iter().zip(&copies) {
+            if matches!(copy, Copy::Done(Outcome::Dropped)) {
+                t.count_result("dropped");
             }
-        });
+        }
         let mut copies = Copies {
-            copies: copies.collect(),
+            copies,
             routing: routing.clone(),
             record,
             active: selected.iter().position(|t| t.name == active),

@@ -161,16 +161,19 @@ async fn a_grpc_request_gets_415_and_reaches_no_target() {
     let backup = sink().await;
     let d = Daemon::start(&Conf::pair(&primary, &backup)).await;
 
-    let r = d
-        .send(
-            Request::post("/opentelemetry.proto.collector.logs.v1.LogsService/Export")
-                .header("content-type", "application/grpc+proto")
-                .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
-                .unwrap(),
-        )
-        .await;
+    // Media types are case-insensitive (RFC 9110 §8.3.1).
+    for content_type in ["application/grpc+proto", " Application/gRPC"] {
+        let r = d
+            .send(
+                Request::post("/opentelemetry.proto.collector.logs.v1.LogsService/Export")
+                    .header("content-type", content_type)
+                    .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.status, 415, "{content_type:?}");
+    }
 
-    assert_eq!(r.status, 415);
     assert!(primary.received().is_empty());
     assert!(backup.received().is_empty());
 }
