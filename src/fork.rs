@@ -412,27 +412,50 @@ impl Fork {
         let record = Arc::new(record);
         // One clock read for every copy's deadline and latency.
         let started = Instant::now();
-        // The copies are made as each target admits the request (a future
-        // does nothing until polled); a refusal drops them, and with them
-        // the spool reservations made so far.
-        let mut copies = Vec::with_capacity(selected.len());
-        for t in selected {
-            copies.push(match t.admit(size) {
-                Admission::Full => return refused(t, &record),
+        let copy_for = |t: &Arc<TargetRuntime>, admission: Admission| {
+            let (t, record) = (t.clone(), record.clone());
+            match admission {
+                Admission::Full => Copy::Done(Outcome::Failed),
                 Admission::Dropped => Copy::Done(Outcome::Dropped),
                 Admission::Spool(reservation) => {
-                    let (t, record) = (t.clone(), record.clone());
                     Copy::Spooling(Box::pin(
                         async move { spool(&t, reservation, &record).await },
                     ))
                 }
                 Admission::Live => {
-                    let (t, record) = (t.clone(), record.clone());
                     Copy::Live(Box::pin(
                         async move { send_copy(&t, &record, started).await },
                     ))
                 }
+            }
+        };
+        // The copies are made as each target admits the request (a future
+        // does nothing until polled); a refusal drops them, and with them
+        // the spool reservations made so far. A target whose admission
+        // would drop a spooled record (its spool full under `drop_newest`
+        // or `drop_oldest`) is admitted last: if another target's spool
+        // refuses the request (`reject`), it has lost nothing for it.
+        let mut copies = Vec::with_capacity(selected.len());
+        let mut last = Vec::new();
+        for (i, t) in selected.iter().enumerate() {
+            copies.push(match t.admit_lossless(size) {
+                Some(Admission::Full) => return refused(t, &record),
+                Some(admission) => copy_for(t, admission),
+                None => {
+                    last.push(i);
+                    Copy::Done(Outcome::Failed)
+                }
             });
+        }
+        // (`Full` here only if a reload made such a target `reject` in
+        // between: the two passes are not one atomic step.)
+        for i in last {
+            if let (Some(t), Some(copy)) = (selected.get(i), copies.get_mut(i)) {
+                *copy = match t.admit(size) {
+                    Admission::Full => return refused(t, &record),
+                    admission => copy_for(t, admission),
+                };
+            }
         }
         // Counted once every target has admitted the request.
         for (t, copy) in selected.iter().zip(&copies) {

@@ -236,11 +236,18 @@ impl TargetRuntime {
         if *state == State::Up {
             return Admission::Live;
         }
-        match self.spool.try_reserve(bytes) {
-            Ok(r) => Admission::Spool(r),
-            Err(Refused::Dropped) => Admission::Dropped,
-            Err(Refused::Rejected) => Admission::Full,
+        admission(self.spool.try_reserve(bytes))
+    }
+
+    /// [`admit`](Self::admit) when admitting drops no spooled record:
+    /// `None` when the target's spool is full and `when_full` would drop
+    /// one (see [`Spool::try_reserve_lossless`]).
+    pub fn admit_lossless(&self, bytes: u64) -> Option<Admission> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if *state == State::Up {
+            return Some(Admission::Live);
         }
+        self.spool.try_reserve_lossless(bytes).map(admission)
     }
 
     /// Room for a copy whose live send failed: it was admitted, so it is
@@ -732,6 +739,15 @@ struct ReplayOutcome {
 /// `[0, 1)`) below `initial_backoff × 2^(failures-1)`, capped at
 /// `max_backoff`; at least the target's `Retry-After`, itself capped at
 /// `max_backoff`.
+/// A spool's answer to a reservation, as an admission.
+fn admission(reserved: Result<Reservation, Refused>) -> Admission {
+    match reserved {
+        Ok(r) => Admission::Spool(r),
+        Err(Refused::Dropped) => Admission::Dropped,
+        Err(Refused::Rejected) => Admission::Full,
+    }
+}
+
 fn backoff_delay(
     retry: &RetryConfig,
     failures: u32,

@@ -935,6 +935,34 @@ fn reject_refuses_exactly_the_first_record_past_max_size_and_changes_nothing() {
 }
 
 #[test]
+fn a_lossless_reservation_is_decided_only_when_it_drops_nothing() {
+    let _gate = gate();
+    for when_full in [WhenFull::DropNewest, WhenFull::DropOldest, WhenFull::Reject] {
+        let tmp = tempdir().unwrap();
+        let (spool, fit, len) = full_spool(&tmp.path().join("t"), when_full);
+        let before = spool.stats();
+        let decided = spool.try_reserve_lossless(len);
+        if when_full == WhenFull::Reject {
+            assert_eq!(decided.unwrap().unwrap_err(), Refused::Rejected);
+        } else {
+            assert!(
+                decided.is_none(),
+                "{when_full:?}: decided at the cost of a record"
+            );
+        }
+        assert_eq!(spool.stats(), before, "{when_full:?}: the spool changed");
+        assert_eq!(ids(&read_all(&spool)), (0..fit).collect::<Vec<_>>());
+        // With room, it reserves like `try_reserve`.
+        let got = read_all(&spool);
+        spool.ack(got[0].end);
+        let res = spool.try_reserve_lossless(len).unwrap().unwrap();
+        spool.append_blocking(res, record_of_len(fit, len)).unwrap();
+        assert_eq!(ids(&read_all(&spool)), (1..=fit).collect::<Vec<_>>());
+        spool.close();
+    }
+}
+
+#[test]
 fn drop_newest_drops_exactly_the_first_record_past_max_size_and_counts_it() {
     let _gate = gate();
     let tmp = tempdir().unwrap();

@@ -564,6 +564,15 @@ pub struct Reservation {
     bytes: u64,
 }
 
+/// Adds `bytes` to the reserved room; the caller holds the state's lock.
+fn reserve_locked(core: &Arc<Core>, st: &mut State, bytes: u64) -> Reservation {
+    st.reserved += bytes;
+    Reservation {
+        core: core.clone(),
+        bytes,
+    }
+}
+
 impl fmt::Debug for Core {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Core").field("dir", &self.dir).finish()
@@ -673,12 +682,24 @@ impl Spool {
                 WhenFull::DropOldest => self.evict_locked(&mut st, bytes),
             }
         }
-        st.reserved += bytes;
-        drop(st);
-        Ok(Reservation {
-            core: core.clone(),
-            bytes,
-        })
+        Ok(reserve_locked(core, &mut st, bytes))
+    }
+
+    /// [`try_reserve`](Self::try_reserve) when it drops nothing: `None` when
+    /// the record does not fit and `when_full` would drop a record to admit
+    /// it (the newest, or the oldest ones). A fork asks every target this
+    /// first, so that a refusal (`reject`) comes before any spool has lost a
+    /// record for a request that is then refused.
+    pub fn try_reserve_lossless(&self, bytes: u64) -> Option<Result<Reservation, Refused>> {
+        let core = self.core();
+        let mut st = core.lock();
+        if st.used().saturating_add(bytes) > st.max_size {
+            return match st.when_full {
+                WhenFull::Reject => Some(Err(Refused::Rejected)),
+                WhenFull::DropNewest | WhenFull::DropOldest => None,
+            };
+        }
+        Some(Ok(reserve_locked(core, &mut st, bytes)))
     }
 
     /// Reserves room that the caller must have whatever the bound says: for a
@@ -690,12 +711,7 @@ impl Spool {
         if st.when_full == WhenFull::DropOldest && st.used().saturating_add(bytes) > st.max_size {
             self.evict_locked(&mut st, bytes);
         }
-        st.reserved += bytes;
-        drop(st);
-        Reservation {
-            core: core.clone(),
-            bytes,
-        }
+        reserve_locked(core, &mut st, bytes)
     }
 
     /// Changes the bound and the full policy of an open spool (reload, or

@@ -575,8 +575,9 @@ async fn write_loop(
         }
         while !out.is_empty() {
             let n = {
-                // On the stack: a batch's head and body of each request fit
-                // one `writev` (Linux takes up to 1,024 pieces).
+                // No allocation (the array lives in the connection's task):
+                // a whole batch's heads and bodies fit one `writev` (Linux
+                // takes up to 1,024 pieces).
                 let mut slices = [IoSlice::new(&[]); 2 * MAX_BATCH];
                 let mut len = 0;
                 for (slice, b) in slices.iter_mut().zip(&out) {
@@ -617,7 +618,11 @@ async fn write_loop(
 /// without waiting for the I/O driver's next turn as
 /// `tokio::task::yield_now` does: the task wakes itself, and tokio puts a
 /// task woken while it runs at the back of its worker's queue. With
-/// `yield_now`, every batch cost one more `epoll_wait`.
+/// `yield_now`, every batch cost the worker one more `epoll_wait`. (On a
+/// runtime with several workers the requeue may unpark an idle one, as
+/// any task woken behind another does; a worker that steals the
+/// submitters runs them in parallel, and their requests go in the next
+/// batch.)
 fn behind_the_ready_tasks() -> impl Future<Output = ()> {
     let mut yielded = false;
     std::future::poll_fn(move |cx| {

@@ -503,15 +503,20 @@ async fn full_backup(when_full: &str) -> (forkd::sink::Sink, forkd::sink::Sink, 
     let primary = sink().await;
     let backup = stopped_sink().await;
     let d = Daemon::start(
-        &Conf::pair(&primary, &backup)
-            .server("max_body_size = \"1MiB\"")
-            .server("max_inflight_bytes = \"4MiB\"")
-            .buffer("max_size = \"1MiB\"")
+        &small_spools(Conf::pair(&primary, &backup))
             .buffer("fsync = \"never\"")
             .target_buffer("backup", &format!("when_full = \"{when_full}\"")),
     )
     .await;
     (primary, backup, d)
+}
+
+/// Bodies up to 1 MiB, 4 MiB of them in flight, 1 MiB spools: a spool
+/// holds one record of [`SIX_HUNDRED_KIB`], not two.
+fn small_spools(conf: Conf) -> Conf {
+    conf.server("max_body_size = \"1MiB\"")
+        .server("max_inflight_bytes = \"4MiB\"")
+        .buffer("max_size = \"1MiB\"")
 }
 
 const SIX_HUNDRED_KIB: usize = 600 << 10;
@@ -539,6 +544,41 @@ async fn a_full_spool_under_reject_gets_503_and_nothing_is_sent_to_any_target() 
         d.metric("forkd_requests_total", &[("status", "503")]).await,
         1.0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_by_a_full_spool_costs_no_other_spool_a_record() {
+    // Both targets down, each spool holding one record of a 1 MiB bound.
+    // The backup (drop_oldest, the default for a non-active target) is
+    // admitted before the primary in name order; the primary (reject, the
+    // default for the active target) refuses the next request, which must
+    // not have evicted the backup's record first.
+    let primary = stopped_sink().await;
+    let backup = stopped_sink().await;
+    let d = Daemon::start(&small_spools(Conf::pair(&primary, &backup)).buffer("fsync = \"never\""))
+        .await;
+    let r = d.post("/one", body_of("one", SIX_HUNDRED_KIB)).await;
+    assert_eq!(r.status, 202, "{}", r.text());
+
+    let r = d.post("/two", body_of("two", SIX_HUNDRED_KIB)).await;
+
+    assert_eq!(r.status, 503, "{}", r.text());
+    for target in ["primary", "backup"] {
+        assert_eq!(
+            d.target_status(target).await["buffer_records"],
+            1,
+            "{target}'s spool changed for a refused request"
+        );
+        assert_eq!(
+            d.metric(
+                "forkd_buffer_dropped_records_total",
+                &[("target", target), ("reason", "full")]
+            )
+            .await,
+            0.0,
+            "{target} evicted a record for a refused request"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -591,11 +631,7 @@ async fn an_admitted_request_never_gets_503_for_lack_of_spool_space() {
     // 503 sends both to a spool that can hold only one of them.
     let primary = sink_with(Behavior::Delay(std::time::Duration::from_millis(1500), 503)).await;
     let d = Daemon::start(
-        &Conf::new()
-            .target("primary", &primary.url())
-            .server("max_body_size = \"1MiB\"")
-            .server("max_inflight_bytes = \"4MiB\"")
-            .buffer("max_size = \"1MiB\"")
+        &small_spools(Conf::new().target("primary", &primary.url()))
             .buffer("when_full = \"reject\""),
     )
     .await;
@@ -968,10 +1004,7 @@ async fn when_the_active_targets_copy_is_dropped_the_client_gets_503() {
     let primary = stopped_sink().await;
     let backup = sink().await;
     let d = Daemon::start(
-        &Conf::pair(&primary, &backup)
-            .server("max_body_size = \"1MiB\"")
-            .server("max_inflight_bytes = \"4MiB\"")
-            .buffer("max_size = \"1MiB\"")
+        &small_spools(Conf::pair(&primary, &backup))
             .target_buffer("primary", "when_full = \"drop_newest\""),
     )
     .await;
