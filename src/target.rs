@@ -735,10 +735,6 @@ struct ReplayOutcome {
     failure: Option<Option<Duration>>,
 }
 
-/// The pause before attempt `failures + 1`: a uniform draw (`unit` in
-/// `[0, 1)`) below `initial_backoff × 2^(failures-1)`, capped at
-/// `max_backoff`; at least the target's `Retry-After`, itself capped at
-/// `max_backoff`.
 /// A spool's answer to a reservation, as an admission.
 fn admission(reserved: Result<Reservation, Refused>) -> Admission {
     match reserved {
@@ -748,6 +744,10 @@ fn admission(reserved: Result<Reservation, Refused>) -> Admission {
     }
 }
 
+/// The pause before attempt `failures + 1`: a uniform draw (`unit` in
+/// `[0, 1)`) below `initial_backoff × 2^(failures-1)`, capped at
+/// `max_backoff`; at least the target's `Retry-After`, itself capped at
+/// `max_backoff`.
 fn backoff_delay(
     retry: &RetryConfig,
     failures: u32,
