@@ -452,12 +452,7 @@ impl Core {
     fn cursor_persisted(&self, position: u64, active: u64) -> Vec<u64> {
         let mut st = self.lock();
         st.durable_cursor = position;
-        let doomed: Vec<u64> = st
-            .segments
-            .iter()
-            .filter(|&(&base, &len)| base != active && base + len <= position)
-            .map(|(&base, _)| base)
-            .collect();
+        let doomed = passed_segments(&st.segments, active, position);
         for base in &doomed {
             st.segments.remove(base);
         }
@@ -562,6 +557,21 @@ impl fmt::Debug for Spool {
 pub struct Reservation {
     core: Arc<Core>,
     bytes: u64,
+}
+
+/// The segments wholly behind `position`, never `active`: those whose end,
+/// the next segment's base (where the writer sealed it), is at or before
+/// it. Not the published length in `segments`: that trails what was
+/// written when the writer rolled while a group in the old segment was
+/// still being synced, and deleting the segment then would lose that
+/// group once it is acknowledged.
+fn passed_segments(segments: &BTreeMap<u64, u64>, active: u64, position: u64) -> Vec<u64> {
+    segments
+        .keys()
+        .zip(segments.keys().skip(1))
+        .filter(|&(&base, &end)| base != active && end <= position)
+        .map(|(&base, _)| base)
+        .collect()
 }
 
 /// Adds `bytes` to the reserved room; the caller holds the state's lock.
@@ -1208,4 +1218,27 @@ fn recover(dir: &Path, opts: &SpoolOptions) -> Result<Recovered, SpoolError> {
         }
     };
     Ok(Recovered { state: st, active })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_segment_is_deleted_only_once_the_cursor_is_past_where_it_was_sealed() {
+        // Segment 0 was sealed at 300 (the writer rolled there) while its
+        // last group (200..300) was still being synced: only 200 of it is
+        // published. A cursor at 200 has not passed it.
+        let segments = BTreeMap::from([(0, 200), (300, 0)]);
+        assert_eq!(passed_segments(&segments, 300, 200), Vec::<u64>::new());
+        assert_eq!(passed_segments(&segments, 300, 299), Vec::<u64>::new());
+        assert_eq!(passed_segments(&segments, 300, 300), vec![0]);
+        // The active segment is never deleted, wherever the cursor is.
+        let segments = BTreeMap::from([(0, 300), (300, 100), (400, 0)]);
+        assert_eq!(passed_segments(&segments, 400, 450), vec![0, 300]);
+        assert_eq!(
+            passed_segments(&BTreeMap::from([(0, 10)]), 0, 10),
+            Vec::<u64>::new()
+        );
+    }
 }
