@@ -62,6 +62,10 @@ const MAX_BATCH: usize = 64;
 const STALL: Duration = Duration::from_millis(200);
 /// Largest answer head accepted.
 const MAX_HEAD: usize = 64 << 10;
+/// Most bytes of a chunked answer body held while it is read: room for
+/// the framing (sizes, extensions, trailers) of up to [`MAX_ANSWER_BODY`]
+/// of data in small chunks.
+const MAX_CHUNKED_BUFFER: usize = 4 * MAX_ANSWER_BODY + MAX_HEAD;
 /// Most answer headers parsed.
 const MAX_HEADERS: usize = 100;
 
@@ -400,6 +404,9 @@ async fn run(
     conn: Arc<Conn>,
     mut rx: mpsc::UnboundedReceiver<Job>,
 ) {
+    // However the task ends (a panic, the runtime shutting down), the
+    // connection leaves the pool.
+    let _leaves_the_pool = ClosedOnDrop(conn.clone());
     let shared = Shared {
         conn,
         epoch,
@@ -467,6 +474,15 @@ async fn run(
         }
     };
     close(&shared, &mut rx, end.first);
+}
+
+/// Marks a connection closed when dropped.
+struct ClosedOnDrop(Arc<Conn>);
+
+impl Drop for ClosedOnDrop {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+    }
 }
 
 /// Marks the connection closed and fails everything on it: the oldest
@@ -704,25 +720,24 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
                     Some(None)
                 }
                 Framing::Length(n) if buf.len() >= n => Some(Some(buf.split_to(n).freeze())),
-                Framing::Length(_) | Framing::UntilEof => None,
+                Framing::Length(_) => None,
+                // Held whole until the target closes, or until the last
+                // chunk: bounded here (the decoded length of a chunked body
+                // does not count its framing, extensions and trailers).
+                Framing::UntilEof if buf.len() > MAX_ANSWER_BODY => {
+                    let Some(p) = partial.take() else { break };
+                    return oversized(shared, p, now_ms);
+                }
+                Framing::Chunked if buf.len() > MAX_CHUNKED_BUFFER => {
+                    let Some(p) = partial.take() else { break };
+                    return oversized(shared, p, now_ms);
+                }
+                Framing::UntilEof => None,
                 Framing::Chunked => match decode_chunked(&buf) {
                     Err(e) => return End { first: e },
                     Ok(ChunkState::Incomplete(decoded)) if decoded > MAX_ANSWER_BODY => {
                         let Some(p) = partial.take() else { break };
-                        shared.complete(
-                            Ok(RawAnswer {
-                                status: p.status,
-                                head: p.head,
-                                body: None,
-                            }),
-                            now_ms,
-                        );
-                        return End {
-                            first: PipeError::new(
-                                PipeErrorKind::NotSent,
-                                "closed after an oversized answer",
-                            ),
-                        };
+                        return oversized(shared, p, now_ms);
                     }
                     Ok(ChunkState::Incomplete(_)) => None,
                     Ok(ChunkState::Done { body, consumed }) => {
@@ -793,6 +808,22 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
             // New requests: arm the oldest one's deadline if none was.
             () = shared.pending_added.notified(), if armed.is_none() => {}
         }
+    }
+}
+
+/// Completes an answer whose body is over [`MAX_ANSWER_BODY`] (relayed as
+/// 502) without reading the rest, and ends its connection.
+fn oversized(shared: &Shared, p: Partial, now_ms: u64) -> End {
+    shared.complete(
+        Ok(RawAnswer {
+            status: p.status,
+            head: p.head,
+            body: None,
+        }),
+        now_ms,
+    );
+    End {
+        first: PipeError::new(PipeErrorKind::NotSent, "closed after an oversized answer"),
     }
 }
 
@@ -968,7 +999,8 @@ fn decode_chunked(buf: &[u8]) -> Result<ChunkState, PipeError> {
                 }
             }
         }
-        if buf.len() < pos + size + 2 {
+        // The size is the target's: added without overflow.
+        if buf.len().saturating_sub(pos) < size.saturating_add(2) {
             return Ok(ChunkState::Incomplete(
                 body.len() + (buf.len() - pos).min(size),
             ));
@@ -1002,6 +1034,70 @@ mod tests {
             decode_chunked(b"5\r\nhel")?,
             ChunkState::Incomplete(3)
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn a_chunk_size_near_the_largest_number_is_incomplete_not_a_panic() -> TestResult {
+        assert!(matches!(
+            decode_chunked(b"ffffffffffffffff\r\nxx")?,
+            ChunkState::Incomplete(2)
+        ));
+        Ok(())
+    }
+
+    /// A target that answers with the head `head`, streams 8 MiB of `x`
+    /// and never closes; `send`'s result.
+    async fn answer_streamed_without_end(head: &'static [u8]) -> Result<RawAnswer, PipeError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(listener) = tokio::net::TcpListener::bind("127.0.0.1:0").await else {
+            return Err(PipeError::new(PipeErrorKind::Connect, "bind"));
+        };
+        let port = listener.local_addr().map_or(0, |a| a.port());
+        tokio::spawn(async move {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = vec![0u8; 64 << 10];
+            let _ = s.read(&mut buf).await;
+            if s.write_all(head).await.is_err() {
+                return;
+            }
+            let chunk = vec![b'x'; 64 << 10];
+            // 8 MiB, past every limit under test, then the connection is
+            // held open: an answer read to its end would never finish.
+            for _ in 0..128 {
+                if s.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await;
+        });
+        let pipe = Pipe::new("127.0.0.1", port, Duration::from_secs(5));
+        let head = Bytes::from_static(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        pipe.send(head, Bytes::new(), Instant::now(), deadline)
+            .await
+    }
+
+    #[tokio::test]
+    async fn an_answer_without_length_over_the_limit_is_given_up_without_holding_it_whole()
+    -> TestResult {
+        let answer = answer_streamed_without_end(b"HTTP/1.0 200 OK\r\n\r\n").await?;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert!(
+            answer.body.is_none(),
+            "an answer over the limit came with a body"
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_that_never_ends_its_chunk_extension_is_bounded() -> TestResult {
+        let answer =
+            answer_streamed_without_end(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1;")
+                .await?;
+        assert!(answer.body.is_none(), "an endless answer came with a body");
         Ok(())
     }
 
