@@ -137,6 +137,11 @@ pub struct Pipe {
     conns: Mutex<Vec<(Arc<Conn>, mpsc::UnboundedSender<Job>)>>,
     /// Set by [`Pipe::abandon`]: every request from then on fails at once.
     abandoned: AtomicBool,
+    /// The target closed a connection after its first answer (an HTTP/1.0
+    /// server, or one with keep-alive off): requests are not pipelined,
+    /// since every request behind the first would find its connection
+    /// closed. Cleared when a connection answers a second request.
+    one_answer_per_conn: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Pipe {
@@ -161,6 +166,8 @@ struct Conn {
     /// Milliseconds since the pipe's epoch of the last answer, or of the
     /// moment the connection went from idle to busy.
     progress: AtomicU64,
+    /// The pipe's [`Pipe::one_answer_per_conn`].
+    one_answer_per_conn: Arc<AtomicBool>,
 }
 
 impl Pipe {
@@ -175,6 +182,7 @@ impl Pipe {
             connect_timeout,
             epoch: Instant::now(),
             conns: Mutex::new(Vec::new()),
+            one_answer_per_conn: Arc::new(AtomicBool::new(false)),
             abandoned: AtomicBool::new(false),
         }
     }
@@ -242,7 +250,8 @@ impl Pipe {
                 return;
             }
             conns.retain(|(c, _)| !c.closed.load(Ordering::Acquire));
-            let (conn, tx) = match choose(&conns, now) {
+            let one_each = self.one_answer_per_conn.load(Ordering::Acquire);
+            let (conn, tx) = match choose(&conns, now, one_each) {
                 Some(i) => conns[i].clone(),
                 None => {
                     let c = self.open();
@@ -274,6 +283,7 @@ impl Pipe {
             closed: AtomicBool::new(false),
             abort: tokio::sync::Notify::new(),
             progress: AtomicU64::new(self.now_ms()),
+            one_answer_per_conn: self.one_answer_per_conn.clone(),
         });
         tokio::spawn(run(
             self.host.clone(),
@@ -288,8 +298,20 @@ impl Pipe {
 }
 
 /// The index of the connection for a new request; `None`: open a new one.
-fn choose(conns: &[(Arc<Conn>, mpsc::UnboundedSender<Job>)], now: u64) -> Option<usize> {
+fn choose(
+    conns: &[(Arc<Conn>, mpsc::UnboundedSender<Job>)],
+    now: u64,
+    one_answer_per_conn: bool,
+) -> Option<usize> {
     let load = |i: usize| conns[i].0.load.load(Ordering::Acquire);
+    if one_answer_per_conn {
+        // One request per connection, as hyper's client would send them;
+        // pipelined only past the bound on connections.
+        if conns.len() < MAX_CONNS {
+            return (0..conns.len()).find(|&i| load(i) == 0);
+        }
+        return (0..conns.len()).min_by_key(|&i| load(i));
+    }
     // Join a batch that is about to be written (nothing waits ahead of it
     // but that write), then an idle connection.
     if let Some(joining) = (0..conns.len()).find(|&i| {
@@ -671,6 +693,8 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
     let mut partial: Option<Partial> = None;
     // Bytes still to skip of an answer body over the limit.
     let mut discard: usize = 0;
+    // Answers completed on this connection.
+    let mut answers: u64 = 0;
     let sleep = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(sleep);
     let mut armed: Option<Instant> = None;
@@ -756,6 +780,14 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
                 }),
                 now_ms,
             );
+            answers += 1;
+            let one_each = &shared.conn.one_answer_per_conn;
+            if p.close_after || answers == 2 {
+                // Learnt from every connection's first close or second
+                // answer: a target that closes now and then (after so many
+                // requests, say) is still pipelined to.
+                one_each.store(p.close_after && answers == 1, Ordering::Release);
+            }
             if p.close_after {
                 return End {
                     first: PipeError::new(
@@ -1034,6 +1066,62 @@ mod tests {
             decode_chunked(b"5\r\nhel")?,
             ChunkState::Incomplete(3)
         ));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_target_that_closes_after_every_answer_gets_one_request_per_connection() -> TestResult
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        // Like a server with keep-alive off: one answer, then FIN (what was
+        // pipelined behind the first request is read and ignored).
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    if s.read(&mut buf).await.is_ok_and(|n| n > 0) {
+                        let _ = s
+                            .write_all(
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                            )
+                            .await;
+                        let _ = s.shutdown().await;
+                        while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                    }
+                });
+            }
+        });
+        let pipe = Arc::new(Pipe::new("127.0.0.1", port, Duration::from_secs(5)));
+        let sends = (0..32).map(|_| {
+            let pipe = pipe.clone();
+            tokio::spawn(async move {
+                let head =
+                    Bytes::from_static(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n");
+                let deadline = Instant::now() + Duration::from_secs(20);
+                // As `send_pipelined` does: a request not sent is sent
+                // again, at most twice.
+                let mut tries = 0;
+                loop {
+                    let r = pipe
+                        .send(head.clone(), Bytes::new(), Instant::now(), deadline)
+                        .await;
+                    match r {
+                        Err(e)
+                            if e.kind == PipeErrorKind::NotSent
+                                && tries < super::super::NOT_SENT_RETRIES =>
+                        {
+                            tries += 1
+                        }
+                        r => return r.map(|a| a.status),
+                    }
+                }
+            })
+        });
+        for send in sends.collect::<Vec<_>>() {
+            assert_eq!(send.await?.map_err(|e| e.detail)?, StatusCode::OK);
+        }
         Ok(())
     }
 
