@@ -678,7 +678,14 @@ impl RawConfig {
                 HeaderValue::from_str(hv),
             ) {
                 (Ok(n), Ok(v)) => {
-                    if crate::proxy_headers::is_hop_by_hop(&n) || n == http::header::HOST {
+                    // Framing and the request id are forkd's: a second
+                    // Content-Length makes the request invalid, a second
+                    // X-Request-Id defeats a target's duplicate check.
+                    if crate::proxy_headers::is_hop_by_hop(&n)
+                        || n == http::header::HOST
+                        || n == http::header::CONTENT_LENGTH
+                        || n == crate::upstream::X_REQUEST_ID
+                    {
                         p.push(format!("{key}.headers.{hn}: forkd sets this header itself"));
                     } else {
                         headers.push((n, v));
@@ -821,6 +828,14 @@ pub fn parse_target_url(url: &str) -> Result<(Uri, Vec<(String, String)>), Strin
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("{url:?}: has no host"));
+    }
+    // It would reach the target as its Host header (and its logs); a
+    // target's credentials go in `headers` or the URL's query.
+    if let Some((_, host)) = uri.authority().and_then(|a| a.as_str().rsplit_once('@')) {
+        return Err(format!(
+            "\"{}://{REDACTED}@{host}\": must not have user info (user@); use `headers` for credentials",
+            uri.scheme_str().unwrap_or("http")
+        ));
     }
     if url.contains('#') {
         return Err(format!("{url:?}: must not have a fragment"));

@@ -635,11 +635,30 @@ fn get_and_lowercase_methods_are_refused() {
 
 #[test]
 fn a_target_header_forkd_sets_itself_is_refused() {
+    for name in ["Host", "Content-Length", "X-Request-Id", "Connection"] {
+        let line = one_problem(&BASE.replace(
+            "url = \"http://127.0.0.1:19002\"",
+            &format!("url = \"http://127.0.0.1:19002\"\nheaders = {{ {name} = \"1\" }}"),
+        ));
+        assert!(
+            line.starts_with(&format!("targets.backup.headers.{name}: ")),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn a_target_url_with_user_info_is_refused_without_showing_it() {
     let line = one_problem(&BASE.replace(
         "url = \"http://127.0.0.1:19002\"",
-        "url = \"http://127.0.0.1:19002\"\nheaders = { Host = \"example.com\" }",
+        "url = \"http://user:s3cret@127.0.0.1:19002\"",
     ));
-    assert!(line.starts_with("targets.backup.headers.Host: "), "{line}");
+    assert!(line.starts_with("targets.backup.url: "), "{line}");
+    assert!(line.contains("user info"), "{line}");
+    assert!(
+        !line.contains("s3cret"),
+        "the password is in the message: {line}"
+    );
 }
 
 // ---------------------------------------------------------------- target names
