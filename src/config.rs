@@ -678,14 +678,9 @@ impl RawConfig {
                 HeaderValue::from_str(hv),
             ) {
                 (Ok(n), Ok(v)) => {
-                    // Framing and the request id are forkd's: a second
-                    // Content-Length makes the request invalid, a second
-                    // X-Request-Id defeats a target's duplicate check.
-                    if crate::proxy_headers::is_hop_by_hop(&n)
-                        || n == http::header::HOST
-                        || n == http::header::CONTENT_LENGTH
-                        || n == crate::upstream::X_REQUEST_ID
-                    {
+                    // A second Content-Length makes the request invalid, a
+                    // second X-Request-Id defeats a target's duplicate check.
+                    if crate::proxy_headers::set_by_forkd(&n) {
                         p.push(format!("{key}.headers.{hn}: forkd sets this header itself"));
                     } else {
                         headers.push((n, v));

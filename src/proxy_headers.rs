@@ -22,6 +22,18 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || ALSO_DROPPED.contains(name)
 }
 
+/// True for a header forkd writes on every upstream request itself, so
+/// neither the record's nor a target's `headers` may carry its own:
+/// `Host`, the framing (`Content-Length`, hop-by-hop headers such as
+/// `Transfer-Encoding`) and `X-Request-Id` (the id a target drops
+/// duplicates by).
+pub fn set_by_forkd(name: &HeaderName) -> bool {
+    name == header::HOST
+        || name == header::CONTENT_LENGTH
+        || name == crate::upstream::X_REQUEST_ID
+        || is_hop_by_hop(name)
+}
+
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers

@@ -365,10 +365,7 @@ impl Head<'_> {
         out(self.authority);
         out(b"\r\n");
         for (name, value) in self.headers {
-            let replaced = name == header::HOST
-                || name == X_REQUEST_ID
-                || name == header::CONTENT_LENGTH
-                || name == header::TRANSFER_ENCODING
+            let replaced = proxy_headers::set_by_forkd(name)
                 || self.target_headers.iter().any(|(n, _)| n == name);
             if !replaced {
                 header(out, name.as_str().as_bytes(), value.as_bytes());

@@ -420,6 +420,11 @@ impl State {
         self.index_bytes + self.pending_bytes + self.reserved
     }
 
+    /// True when `bytes` more would take the spool past `max_size`.
+    fn over_with(&self, bytes: u64) -> bool {
+        self.used().saturating_add(bytes) > self.max_size
+    }
+
     fn pop_front(&mut self) -> Option<Entry> {
         let e = self.index.pop_front()?;
         self.index_bytes -= u64::from(e.len);
@@ -682,7 +687,7 @@ impl Spool {
     pub fn try_reserve(&self, bytes: u64) -> Result<Reservation, Refused> {
         let core = self.core();
         let mut st = core.lock();
-        if st.used().saturating_add(bytes) > st.max_size {
+        if st.over_with(bytes) {
             match st.when_full {
                 WhenFull::Reject => return Err(Refused::Rejected),
                 WhenFull::DropNewest => {
@@ -703,7 +708,7 @@ impl Spool {
     pub fn try_reserve_lossless(&self, bytes: u64) -> Option<Result<Reservation, Refused>> {
         let core = self.core();
         let mut st = core.lock();
-        if st.used().saturating_add(bytes) > st.max_size {
+        if st.over_with(bytes) {
             return match st.when_full {
                 WhenFull::Reject => Some(Err(Refused::Rejected)),
                 WhenFull::DropNewest | WhenFull::DropOldest => None,
@@ -718,7 +723,7 @@ impl Spool {
     pub fn reserve_overcommit(&self, bytes: u64) -> Reservation {
         let core = self.core();
         let mut st = core.lock();
-        if st.when_full == WhenFull::DropOldest && st.used().saturating_add(bytes) > st.max_size {
+        if st.when_full == WhenFull::DropOldest && st.over_with(bytes) {
             self.evict_locked(&mut st, bytes);
         }
         reserve_locked(core, &mut st, bytes)
@@ -739,9 +744,8 @@ impl Spool {
     }
 
     fn evict_locked(&self, st: &mut State, bytes: u64) {
-        let max = st.max_size;
         let before = st.cursor();
-        while st.used().saturating_add(bytes) > max {
+        while st.over_with(bytes) {
             if st.pop_front().is_none() {
                 break;
             }

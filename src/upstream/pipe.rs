@@ -680,6 +680,18 @@ enum Framing {
     UntilEof,
 }
 
+impl Framing {
+    /// Most bytes of the body held while it is read: the body itself, or
+    /// for a chunked body also its framing, extensions and trailers, which
+    /// its decoded length does not count.
+    fn buffer_limit(&self) -> usize {
+        match self {
+            Framing::Chunked => MAX_CHUNKED_BUFFER,
+            Framing::Length(_) | Framing::UntilEof => MAX_ANSWER_BODY,
+        }
+    }
+}
+
 /// An answer whose head is parsed and whose body is being read.
 struct Partial {
     status: StatusCode,
@@ -746,13 +758,8 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
                 Framing::Length(n) if buf.len() >= n => Some(Some(buf.split_to(n).freeze())),
                 Framing::Length(_) => None,
                 // Held whole until the target closes, or until the last
-                // chunk: bounded here (the decoded length of a chunked body
-                // does not count its framing, extensions and trailers).
-                Framing::UntilEof if buf.len() > MAX_ANSWER_BODY => {
-                    let Some(p) = partial.take() else { break };
-                    return oversized(shared, p, now_ms);
-                }
-                Framing::Chunked if buf.len() > MAX_CHUNKED_BUFFER => {
+                // chunk: bounded while it is read.
+                Framing::UntilEof | Framing::Chunked if buf.len() > p.framing.buffer_limit() => {
                     let Some(p) = partial.take() else { break };
                     return oversized(shared, p, now_ms);
                 }
@@ -781,12 +788,14 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
                 now_ms,
             );
             answers += 1;
+            // Learnt from every connection's first answer that closes it,
+            // and unlearnt from any second answer: a target that closes now
+            // and then (after so many requests, say) is still pipelined to.
             let one_each = &shared.conn.one_answer_per_conn;
-            if p.close_after || answers == 2 {
-                // Learnt from every connection's first close or second
-                // answer: a target that closes now and then (after so many
-                // requests, say) is still pipelined to.
-                one_each.store(p.close_after && answers == 1, Ordering::Release);
+            if answers == 1 && p.close_after {
+                one_each.store(true, Ordering::Release);
+            } else if answers == 2 {
+                one_each.store(false, Ordering::Release);
             }
             if p.close_after {
                 return End {
