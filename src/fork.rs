@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use crate::config::{Config, Mode};
 use crate::metrics::Metrics;
-use crate::spool::{Record, truncate_to_millis};
+use crate::spool::{Record, Reservation, truncate_to_millis};
 use crate::target::{Admission, TargetRuntime};
 use crate::upstream::{self, Answer, Attempt, X_REQUEST_ID};
 
@@ -568,7 +568,7 @@ impl Fork {
 
 /// One copy of a request under [`Copies`].
 enum Copy<F> {
-    /// Its live send ([`send_copy`]): an outcome, or `None` to spool it.
+    /// Its live send ([`send_copy`]).
     Live(Pin<Box<F>>),
     /// Being appended to its target's spool: admitted so, or its live send
     /// failed or was abandoned.
@@ -605,7 +605,7 @@ const FOREVER: Duration = Duration::from_secs(365 * 86_400);
 /// whose request runs on in its connection's task); the task keeps the
 /// request counted in [`Fork::in_flight`] (shutdown waits for it) and keeps
 /// the body's share of `max_inflight_bytes`.
-struct Copies<F: Future<Output = Option<Outcome>> + Send + 'static> {
+struct Copies<F: Future<Output = Sent> + Send + 'static> {
     /// In the order of `routing.selected()`.
     copies: Vec<Copy<F>>,
     routing: Arc<Routing>,
@@ -619,7 +619,7 @@ struct Copies<F: Future<Output = Option<Outcome>> + Send + 'static> {
     detached: bool,
 }
 
-impl<F: Future<Output = Option<Outcome>> + Send + 'static> Copies<F> {
+impl<F: Future<Output = Sent> + Send + 'static> Copies<F> {
     /// Runs every copy to its outcome, polling them all on each wake-up.
     /// Once the active copy has its outcome, one timer bounds the others:
     /// live sends still running `secondary_wait` later are abandoned and
@@ -681,15 +681,15 @@ impl<F: Future<Output = Option<Outcome>> + Send + 'static> Copies<F> {
         loop {
             match c {
                 Copy::Live(f) => match f.as_mut().poll(cx) {
-                    Poll::Ready(Some(outcome)) => *c = Copy::Done(outcome),
-                    Poll::Ready(None) => {
+                    Poll::Ready(Sent::Done(outcome)) => *c = Copy::Done(outcome),
+                    Poll::Ready(Sent::ToSpool(reservation)) => {
                         let Some(t) = self.routing.selected().get(i) else {
                             *c = Copy::Done(Outcome::Failed);
                             continue;
                         };
                         let (t, record) = (t.clone(), self.record.clone());
                         *c = Copy::Spooling(Box::pin(async move {
-                            spool_after_failure(&t, &record).await
+                            spool_after_failure(&t, reservation, &record).await
                         }));
                     }
                     Poll::Pending => return Poll::Pending,
@@ -717,16 +717,16 @@ impl<F: Future<Output = Option<Outcome>> + Send + 'static> Copies<F> {
                 "secondary_wait passed after the active target answered; spooling this copy"
             );
             t.count_abandoned();
-            t.mark_backlog();
+            let reservation = t.abandon_to_backlog(self.record.encoded_len());
             let (t, record) = (t.clone(), self.record.clone());
-            *c = Copy::Spooling(Box::pin(
-                async move { spool_after_failure(&t, &record).await },
-            ));
+            *c = Copy::Spooling(Box::pin(async move {
+                spool_after_failure(&t, reservation, &record).await
+            }));
         }
     }
 }
 
-impl<F: Future<Output = Option<Outcome>> + Send + 'static> Drop for Copies<F> {
+impl<F: Future<Output = Sent> + Send + 'static> Drop for Copies<F> {
     fn drop(&mut self) {
         // A panic in a copy: its future cannot be polled again.
         if self.detached
@@ -768,23 +768,31 @@ async fn copy(
         }
         Admission::Spool(reservation) => spool(t, reservation, &record).await,
         Admission::Live => match send_copy(t, &record, started).await {
-            Some(outcome) => outcome,
-            None => spool_after_failure(t, &record).await,
+            Sent::Done(outcome) => outcome,
+            Sent::ToSpool(reservation) => spool_after_failure(t, reservation, &record).await,
         },
     }
 }
 
-/// A copy's live send: its outcome, or `None` when it failed in a way worth
-/// retrying and the copy is to be spooled (the target is marked down).
-async fn send_copy(t: &TargetRuntime, record: &Record, started: Instant) -> Option<Outcome> {
+/// How a copy's live send ended.
+enum Sent {
+    Done(Outcome),
+    /// It failed in a way worth retrying: the target was marked down and
+    /// room for the copy reserved in its spool, in one step
+    /// ([`TargetRuntime::fail_live`]); `None` when the copy is dropped.
+    ToSpool(Option<Reservation>),
+}
+
+/// A copy's live send.
+async fn send_copy(t: &TargetRuntime, record: &Record, started: Instant) -> Sent {
     match t.send_live(record, started).await {
         Attempt::Delivered(a) => {
             t.count_result("delivered");
-            Some(Outcome::Answered(a))
+            Sent::Done(Outcome::Answered(a))
         }
         Attempt::Rejected(a) => {
             t.keep_rejected(record, &a);
-            Some(Outcome::Rejected(a))
+            Sent::Done(Outcome::Rejected(a))
         }
         Attempt::Transient {
             reason,
@@ -796,14 +804,19 @@ async fn send_copy(t: &TargetRuntime, record: &Record, started: Instant) -> Opti
                 target = %t.name, request_id = %record.request_id,
                 reason = reason.as_str(), %detail, "live send failed; spooling"
             );
-            t.mark_down(retry_after);
-            None
+            Sent::ToSpool(t.fail_live(record.encoded_len(), retry_after))
         }
     }
 }
 
-async fn spool_after_failure(t: &TargetRuntime, record: &Arc<Record>) -> Outcome {
-    match t.reserve_after_failure(record.encoded_len()) {
+/// Spools a copy whose live send failed or was abandoned, within the room
+/// reserved for it then (`None`: dropped).
+async fn spool_after_failure(
+    t: &TargetRuntime,
+    reservation: Option<Reservation>,
+    record: &Arc<Record>,
+) -> Outcome {
+    match reservation {
         Some(r) => spool(t, r, record).await,
         None => {
             t.count_result("dropped");
@@ -812,11 +825,7 @@ async fn spool_after_failure(t: &TargetRuntime, record: &Arc<Record>) -> Outcome
     }
 }
 
-async fn spool(
-    t: &TargetRuntime,
-    reservation: crate::spool::Reservation,
-    record: &Arc<Record>,
-) -> Outcome {
+async fn spool(t: &TargetRuntime, reservation: Reservation, record: &Arc<Record>) -> Outcome {
     match t.append(reservation, Arc::clone(record)).await {
         Ok(()) => Outcome::Spooled,
         Err(_) => Outcome::Failed,

@@ -73,6 +73,10 @@ pub struct TargetRuntime {
     /// Spool counters already added to the metrics (they are cumulative in the spool).
     seen_dropped_full: AtomicU64,
     seen_dropped_corrupt: AtomicU64,
+    /// The target left the config and its series were removed: nothing
+    /// publishes them again (a live send still in flight may fail and
+    /// change the state). Set and read under the state lock.
+    forgotten: AtomicBool,
     /// A live send failed since the worker last looked: the worker backs
     /// off before it probes, honouring the `Retry-After` it carried.
     live_failure: Mutex<Option<Option<Duration>>>,
@@ -126,6 +130,7 @@ impl TargetRuntime {
             metrics,
             seen_dropped_full: AtomicU64::new(0),
             seen_dropped_corrupt: AtomicU64::new(0),
+            forgotten: AtomicBool::new(false),
             live_failure: Mutex::new(None),
             next_attempt: Mutex::new(None),
             abandoned: AtomicBool::new(false),
@@ -217,7 +222,11 @@ impl TargetRuntime {
         self.set_state_locked(&mut slot, new);
     }
 
+    /// Under the state lock (or before the runtime is shared).
     fn publish_state(&self, state: State) {
+        if self.forgotten.load(Ordering::Relaxed) {
+            return;
+        }
         self.metrics
             .target_up
             .with_label_values(&[&self.name])
@@ -250,20 +259,18 @@ impl TargetRuntime {
         self.spool.try_reserve_lossless(bytes).map(admission)
     }
 
-    /// Room for a copy whose live send failed: it was admitted, so it is
-    /// spooled whatever the bound says, except under `drop_newest`.
-    pub fn reserve_after_failure(&self, bytes: u64) -> Option<Reservation> {
-        match self.spool.try_reserve(bytes) {
-            Ok(r) => Some(r),
-            Err(Refused::Dropped) => None,
-            Err(Refused::Rejected) => Some(self.spool.reserve_overcommit(bytes)),
-        }
-    }
-
-    /// Marks the target down after a transient live failure. The worker's
-    /// first probe then waits a backoff too, and at least `retry_after` (up
-    /// to `max_backoff`) when the target sent one: SPEC, "Target states".
-    pub fn mark_down(&self, retry_after: Option<Duration>) {
+    /// A live send failed in a way worth retrying: the target goes `down`
+    /// and the copy's room in its spool is reserved, in one step under the
+    /// state lock. The worker's first probe then waits a backoff too, and
+    /// at least `retry_after` (up to `max_backoff`) when the target sent
+    /// one: SPEC, "Target states".
+    ///
+    /// One step, because the worker sets the target `up` (under the same
+    /// lock) when it finds nothing spooled or reserved: between a state
+    /// change and a later reservation it could find the spool empty, and
+    /// the client's next request would go live ahead of the failed copy.
+    /// `None` when the copy is dropped (`drop_newest`, spool full).
+    pub fn fail_live(&self, bytes: u64, retry_after: Option<Duration>) -> Option<Reservation> {
         {
             let mut slot = self.live_failure.lock().unwrap_or_else(|p| p.into_inner());
             let after = match (*slot).flatten() {
@@ -272,21 +279,36 @@ impl TargetRuntime {
             };
             *slot = Some(after);
         }
-        self.set_state(State::Down);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.set_state_locked(&mut state, State::Down);
+        self.reserve_admitted(bytes)
+    }
+
+    /// A live send was abandoned at `secondary_wait`: an up target now has
+    /// a backlog (`draining`), and the copy's room is reserved in the same
+    /// step, as in [`fail_live`](Self::fail_live).
+    pub fn abandon_to_backlog(&self, bytes: u64) -> Option<Reservation> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if *state == State::Up {
+            self.set_state_locked(&mut state, State::Draining);
+        }
+        self.reserve_admitted(bytes)
+    }
+
+    /// Room for a copy that was admitted live: it is spooled whatever the
+    /// bound says, except under `drop_newest`.
+    fn reserve_admitted(&self, bytes: u64) -> Option<Reservation> {
+        match self.spool.try_reserve(bytes) {
+            Ok(r) => Some(r),
+            Err(Refused::Dropped) => None,
+            Err(Refused::Rejected) => Some(self.spool.reserve_overcommit(bytes)),
+        }
     }
 
     /// Seconds until the worker's next attempt while it backs off.
     pub fn next_attempt_in(&self) -> Option<Duration> {
         let at = (*self.next_attempt.lock().unwrap_or_else(|p| p.into_inner()))?;
         Some(at.saturating_duration_since(Instant::now()))
-    }
-
-    /// Marks a backlog behind an up target (a copy abandoned by `secondary_wait`).
-    pub fn mark_backlog(&self) {
-        let mut slot = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if *slot == State::Up {
-            self.set_state_locked(&mut slot, State::Draining);
-        }
     }
 
     /// The pipelining client, if the target has one.
@@ -399,6 +421,10 @@ impl TargetRuntime {
 
     /// Updates the buffer gauges and counters from the spool.
     pub fn refresh_metrics(&self) {
+        let _state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if self.forgotten.load(Ordering::Relaxed) {
+            return;
+        }
         let stats = self.spool.stats();
         let name = self.name.as_str();
         let m = &self.metrics;
@@ -422,18 +448,15 @@ impl TargetRuntime {
         m.buffer_writable
             .with_label_values(&[name])
             .set(i64::from(stats.write_error.is_none()));
-        let full = self
-            .seen_dropped_full
-            .swap(stats.dropped_full, Ordering::Relaxed);
         m.buffer_dropped
             .with_label_values(&[name, "full"])
-            .inc_by(stats.dropped_full.saturating_sub(full));
-        let corrupt = self
-            .seen_dropped_corrupt
-            .swap(stats.dropped_corrupt, Ordering::Relaxed);
+            .inc_by(newly_counted(&self.seen_dropped_full, stats.dropped_full));
         m.buffer_dropped
             .with_label_values(&[name, "corrupt"])
-            .inc_by(stats.dropped_corrupt.saturating_sub(corrupt));
+            .inc_by(newly_counted(
+                &self.seen_dropped_corrupt,
+                stats.dropped_corrupt,
+            ));
     }
 
     /// Applies the target's role: the default `when_full` follows whether it
@@ -453,6 +476,10 @@ impl TargetRuntime {
 
     /// Marks whether the target receives new requests.
     pub fn set_selected(&self, selected: bool) {
+        let _state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if self.forgotten.load(Ordering::Relaxed) {
+            return;
+        }
         self.metrics
             .target_selected
             .with_label_values(&[&self.name])
@@ -461,6 +488,8 @@ impl TargetRuntime {
 
     /// Removes the target's metric series (it left the config).
     pub fn forget_metrics(&self) {
+        let _state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.forgotten.store(true, Ordering::Relaxed);
         self.metrics.remove_target(&self.name);
     }
 
@@ -748,6 +777,13 @@ fn admission(reserved: Result<Reservation, Refused>) -> Admission {
 /// `[0, 1)`) below `initial_backoff × 2^(failures-1)`, capped at
 /// `max_backoff`; at least the target's `Retry-After`, itself capped at
 /// `max_backoff`.
+/// What a cumulative spool counter read as `now` adds to its metric, given
+/// the mark of what was added already (moved up to `now`). A refresh that
+/// read older stats than the last one adds nothing and leaves the mark.
+fn newly_counted(seen: &AtomicU64, now: u64) -> u64 {
+    now.saturating_sub(seen.fetch_max(now, Ordering::Relaxed))
+}
+
 fn backoff_delay(
     retry: &RetryConfig,
     failures: u32,
@@ -786,6 +822,123 @@ fn to_i64(v: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, ConfigFormat};
+    use crate::spool::{Record, Spool};
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// An up target named `primary` over a fresh spool; no worker runs, so
+    /// the test takes the worker's steps itself.
+    fn idle_target(
+        dir: &std::path::Path,
+    ) -> Result<Arc<TargetRuntime>, Box<dyn std::error::Error>> {
+        let text = format!(
+            "[targets.primary]\nurl = \"http://127.0.0.1:9\"\n[buffer]\ndir = {:?}\n",
+            dir.display().to_string()
+        );
+        let config = Config::from_text(&text, ConfigFormat::Toml, |_| None, [])?;
+        let target = config.target("primary").ok_or("no target")?.clone();
+        let spool = Spool::open(dir.join("primary"), target.spool.clone())?;
+        let t = TargetRuntime::new(target, config.raw.retry.clone(), spool, Metrics::new()?)?;
+        Ok(t)
+    }
+
+    fn record(id: &str) -> Record {
+        Record {
+            accepted_at: std::time::SystemTime::UNIX_EPOCH,
+            request_id: id.to_owned(),
+            method: http::Method::POST,
+            path_and_query: http::uri::PathAndQuery::from_static("/"),
+            headers: http::HeaderMap::new(),
+            body: bytes::Bytes::from_static(b"body"),
+        }
+    }
+
+    /// The order race of a live failure: the worker sets a target `up` when
+    /// it finds nothing spooled or reserved. A failed copy must hold its
+    /// place from the moment the target leaves `up`, or the client's next
+    /// request, sent live, overtakes it.
+    #[test]
+    fn a_copy_whose_live_send_failed_is_replayed_before_the_clients_next_request() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let t = idle_target(dir.path())?;
+        let (failed, next) = (record("failed"), record("next"));
+        let reservation = t
+            .fail_live(failed.encoded_len(), None)
+            .ok_or("the failed copy was dropped")?;
+        // The worker finds the spool empty at this moment (the append has
+        // not even started).
+        t.maybe_up();
+        assert_eq!(
+            t.state(),
+            State::Down,
+            "up while a failed copy is unspooled"
+        );
+        t.spool.append_blocking(reservation, failed)?;
+        let Admission::Spool(r) = t.admit(next.encoded_len()) else {
+            panic!("the next request was not spooled behind the failed copy");
+        };
+        t.spool.append_blocking(r, next)?;
+        let order: Vec<String> = t
+            .spool
+            .reader()
+            .read_batch(10, 1 << 20)?
+            .into_iter()
+            .map(|s| s.record.request_id)
+            .collect();
+        assert_eq!(order, ["failed", "next"]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_drop_counter_read_twice_or_out_of_order_is_counted_once() {
+        let seen = AtomicU64::new(0);
+        // Two refreshes at once: the later stats (6) are added first.
+        assert_eq!(newly_counted(&seen, 6), 6);
+        assert_eq!(newly_counted(&seen, 5), 0);
+        assert_eq!(newly_counted(&seen, 6), 0);
+        assert_eq!(newly_counted(&seen, 9), 3);
+    }
+
+    #[test]
+    fn a_removed_target_whose_live_send_fails_later_does_not_bring_its_series_back() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let t = idle_target(dir.path())?;
+        let text = |t: &TargetRuntime| -> Result<String, Box<dyn std::error::Error>> {
+            Ok(String::from_utf8(t.metrics.render()?)?)
+        };
+        assert!(text(&t)?.contains(r#"forkd_target_state{state="up",target="primary"} 1"#));
+        t.forget_metrics();
+        let _reservation = t.fail_live(100, None);
+        t.set_selected(true);
+        t.refresh_metrics();
+        let after = text(&t)?;
+        assert!(
+            !after.contains(r#"target="primary""#),
+            "series of a removed target came back:\n{after}"
+        );
+        assert_eq!(t.state(), State::Down);
+        Ok(())
+    }
+
+    #[test]
+    fn a_copy_abandoned_at_secondary_wait_keeps_the_target_draining_until_it_is_gone() -> TestResult
+    {
+        let dir = tempfile::tempdir()?;
+        let t = idle_target(dir.path())?;
+        let abandoned = record("abandoned");
+        let reservation = t
+            .abandon_to_backlog(abandoned.encoded_len())
+            .ok_or("the abandoned copy was dropped")?;
+        t.maybe_up();
+        assert_eq!(t.state(), State::Draining);
+        assert!(matches!(t.admit(100), Admission::Spool(_)));
+        // Its append failed (a disk error): nothing is left behind it.
+        drop(reservation);
+        t.maybe_up();
+        assert_eq!(t.state(), State::Up);
+        Ok(())
+    }
 
     fn retry(initial_ms: u64, max_ms: u64) -> RetryConfig {
         RetryConfig {

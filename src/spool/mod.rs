@@ -651,6 +651,7 @@ impl Spool {
             probe_at: None,
             failed_len: 0,
             syncer: None,
+            unsynced_sealed: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("forkd-spool".into())

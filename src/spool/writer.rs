@@ -107,6 +107,9 @@ pub(super) struct Writer {
     pub failed_len: u64,
     /// The syncer thread (`fsync = "always"` only).
     pub syncer: Option<Syncer>,
+    /// Bases of the segments sealed and never synced (`fsync = "never"`),
+    /// less those deleted since: a clean close syncs them.
+    pub unsynced_sealed: Vec<u64>,
 }
 
 /// Whether a separate syncer thread is worth its hand-off: only when the
@@ -451,8 +454,10 @@ impl Writer {
     /// Seals the active segment and starts a new one at the current end.
     /// (Under `always` the syncer syncs the old segment with its last jobs.)
     fn roll(&mut self) -> Result<(), SpoolError> {
-        if matches!(self.core.opts.fsync, FsyncPolicy::Interval(_)) {
-            self.sync_active()?;
+        match self.core.opts.fsync {
+            FsyncPolicy::Interval(_) => self.sync_active()?,
+            FsyncPolicy::Never => self.unsynced_sealed.push(self.active.base),
+            FsyncPolicy::Always => {}
         }
         let base = self.active.base + self.active.len;
         let active = create_segment(
@@ -539,6 +544,7 @@ impl Writer {
         if doomed.is_empty() {
             return Ok(());
         }
+        self.unsynced_sealed.retain(|base| !doomed.contains(base));
         for base in &doomed {
             let path = self.segment_path(*base);
             match fs::remove_file(&path) {
@@ -556,11 +562,29 @@ impl Writer {
         if let Some(syncer) = &mut self.syncer {
             syncer.finish();
         }
-        // Every policy syncs at a clean close.
-        if let Err(e) = self.sync_active() {
+        // Every policy syncs at a clean close: under `never`, the segments
+        // sealed since the spool opened too, and the directory that holds
+        // their names.
+        if let Err(e) = self.sync_active().and_then(|()| self.sync_sealed()) {
             tracing::warn!(error = %e, "spool fsync at close failed");
         }
         self.housekeeping(true);
+    }
+
+    fn sync_sealed(&mut self) -> Result<(), SpoolError> {
+        if self.unsynced_sealed.is_empty() {
+            return Ok(());
+        }
+        for base in std::mem::take(&mut self.unsynced_sealed) {
+            let path = self.segment_path(base);
+            match fs::File::open(&path).and_then(|f| f.sync_data()) {
+                Ok(()) => {}
+                // Deleted once delivered, after the last cursor write.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(SpoolError::io("sync", &path, e)),
+            }
+        }
+        fsutil::sync_dir(&self.core.dir).map_err(|e| SpoolError::io("sync", &self.core.dir, e))
     }
 }
 

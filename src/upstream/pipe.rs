@@ -365,8 +365,13 @@ struct Shared {
     conn: Arc<Conn>,
     epoch: Instant,
     pending: Mutex<VecDeque<Pending>>,
-    /// How many of the pending requests, oldest first, are wholly written.
+    /// Requests wholly written since the connection opened, and requests
+    /// answered (or failed by their deadline) since then: the oldest
+    /// pending request is wholly written when `written > answered`, which
+    /// holds for early answers too (a target may answer a request before
+    /// it has all of it). Touched by the connection's one task only.
     written: AtomicUsize,
+    answered: AtomicUsize,
     /// Signalled by the writer when it adds pending requests, so that the
     /// reader, which may be waiting for bytes with no deadline armed, arms
     /// the oldest request's deadline.
@@ -393,7 +398,7 @@ impl Shared {
     /// without its answer: `Io` if it was wholly written (the target may
     /// have acted on it), else `NotSent`.
     fn unanswered(&self) -> PipeErrorKind {
-        if self.written.load(Ordering::Acquire) > 0 {
+        if self.written.load(Ordering::Relaxed) > self.answered.load(Ordering::Relaxed) {
             PipeErrorKind::Io
         } else {
             PipeErrorKind::NotSent
@@ -403,9 +408,7 @@ impl Shared {
     fn complete(&self, result: Result<RawAnswer, PipeError>, now_ms: u64) {
         let front = self.lock().pop_front();
         if let Some(p) = front {
-            let _ = self
-                .written
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            self.answered.fetch_add(1, Ordering::Relaxed);
             self.done_one(now_ms);
             let _ = p.reply.send(result);
         }
@@ -434,6 +437,7 @@ async fn run(
         epoch,
         pending: Mutex::new(VecDeque::new()),
         written: AtomicUsize::new(0),
+        answered: AtomicUsize::new(0),
         pending_added: tokio::sync::Notify::new(),
     };
     let connected = tokio::select! {
@@ -563,7 +567,8 @@ async fn write_loop(
     shared: &Shared,
 ) -> Result<(), PipeError> {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    let mut out: VecDeque<Bytes> = VecDeque::with_capacity(2 * MAX_BATCH);
+    // The pieces to write, each marked when it ends a request.
+    let mut out: VecDeque<(Bytes, bool)> = VecDeque::with_capacity(2 * MAX_BATCH);
     loop {
         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return Ok(());
@@ -585,7 +590,7 @@ async fn write_loop(
             .conn
             .unwritten
             .fetch_sub(batch.len(), Ordering::AcqRel);
-        let mut queued = 0;
+        let mut queued = false;
         {
             let now = Instant::now();
             let mut pending = shared.lock();
@@ -597,18 +602,20 @@ async fn write_loop(
                     let _ = job.reply.send(Err(late()));
                     continue;
                 }
-                out.push_back(job.head);
-                if !job.body.is_empty() {
-                    out.push_back(job.body);
+                if job.body.is_empty() {
+                    out.push_back((job.head, true));
+                } else {
+                    out.push_back((job.head, false));
+                    out.push_back((job.body, true));
                 }
                 pending.push_back(Pending {
                     deadline: job.deadline,
                     reply: job.reply,
                 });
-                queued += 1;
+                queued = true;
             }
         }
-        if queued > 0 {
+        if queued {
             shared.pending_added.notify_one();
         }
         while !out.is_empty() {
@@ -618,7 +625,7 @@ async fn write_loop(
                 // takes up to 1,024 pieces).
                 let mut slices = [IoSlice::new(&[]); 2 * MAX_BATCH];
                 let mut len = 0;
-                for (slice, b) in slices.iter_mut().zip(&out) {
+                for (slice, (b, _)) in slices.iter_mut().zip(&out) {
                     *slice = IoSlice::new(b);
                     len += 1;
                 }
@@ -632,23 +639,30 @@ async fn write_loop(
                     ));
                 }
                 Ok(mut n) => {
+                    let mut ended = 0;
                     while n > 0 {
-                        let Some(front) = out.front_mut() else { break };
+                        let Some((front, ends_request)) = out.front_mut() else {
+                            break;
+                        };
                         if front.len() <= n {
                             n -= front.len();
+                            ended += usize::from(*ends_request);
                             out.pop_front();
                         } else {
                             front.advance(n);
                             n = 0;
                         }
                     }
+                    // Counted as each request is wholly written, not per
+                    // batch: a connection that fails in the middle of a
+                    // batch knows which of its requests went out.
+                    shared.written.fetch_add(ended, Ordering::Relaxed);
                 }
                 Err(e) => {
                     return Err(PipeError::new(shared.unanswered(), format!("sending: {e}")));
                 }
             }
         }
-        shared.written.fetch_add(queued, Ordering::AcqRel);
     }
 }
 
@@ -842,7 +856,11 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    return End { first: PipeError::new(PipeErrorKind::Io, format!("reading the answer: {e}")) };
+                    // A reset: as for a close, the oldest request was acted
+                    // on only if it was wholly written or is being answered.
+                    let mid_answer = partial.is_some() || discard > 0 || !buf.is_empty();
+                    let kind = if mid_answer { PipeErrorKind::Io } else { shared.unanswered() };
+                    return End { first: PipeError::new(kind, format!("reading the answer: {e}")) };
                 }
             },
             () = &mut sleep, if armed.is_some() => return End { first: late() },
@@ -1131,6 +1149,69 @@ mod tests {
         for send in sends.collect::<Vec<_>>() {
             assert_eq!(send.await?.map_err(|e| e.detail)?, StatusCode::OK);
         }
+        Ok(())
+    }
+
+    /// A target that answers a request before reading all of it (as a
+    /// server refusing a body does), then one more, then resets the
+    /// connection in the middle of a third request's body: the third was
+    /// not wholly written, so it is reported not sent (the caller sends it
+    /// again) rather than sent and lost (the target marked down).
+    #[tokio::test]
+    async fn a_request_cut_off_while_being_written_is_not_sent_even_after_an_early_answer()
+    -> TestResult {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Larger than loopback's socket buffers on both ends.
+        const BIG: usize = 32 << 20;
+        let head = |n: u32, len: usize| {
+            Bytes::from(format!(
+                "POST /{n} HTTP/1.1\r\nhost: t\r\ncontent-length: {len}\r\n\r\n"
+            ))
+        };
+        async fn read_until(
+            s: &mut tokio::net::TcpStream,
+            buf: &mut Vec<u8>,
+            n: usize,
+        ) -> std::io::Result<()> {
+            while buf.len() < n {
+                if s.read_buf(buf).await? == 0 {
+                    return Err(std::io::Error::other("closed early"));
+                }
+            }
+            Ok(())
+        }
+        let (head1, head2, head3) = (head(1, BIG), head(2, 0), head(3, BIG));
+        let until = head1.len() + BIG + head2.len();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let target = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await?;
+            let mut buf = Vec::with_capacity(until + (64 << 10));
+            const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+            read_until(&mut s, &mut buf, 1).await?;
+            s.write_all(OK).await?; // before the body
+            read_until(&mut s, &mut buf, until).await?;
+            s.write_all(OK).await?;
+            read_until(&mut s, &mut buf, until + 1).await?;
+            // Unread bytes in hand: closing now resets the connection.
+            drop(s);
+            Ok::<_, std::io::Error>(())
+        });
+        let pipe = Pipe::new("127.0.0.1", port, Duration::from_secs(5));
+        let big = Bytes::from(vec![b'x'; BIG]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let first = pipe
+            .send(head1, big.clone(), Instant::now(), deadline)
+            .await;
+        assert_eq!(first.map_err(|e| e.detail)?.status, StatusCode::OK);
+        let second = pipe
+            .send(head2, Bytes::new(), Instant::now(), deadline)
+            .await;
+        assert_eq!(second.map_err(|e| e.detail)?.status, StatusCode::OK);
+        let third = pipe.send(head3, big, Instant::now(), deadline).await;
+        target.await??;
+        let kind = third.err().map(|e| e.kind);
+        assert_eq!(kind, Some(PipeErrorKind::NotSent));
         Ok(())
     }
 
