@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
@@ -438,28 +438,28 @@ impl Fork {
         let mut copies = Vec::with_capacity(selected.len());
         let mut last = Vec::new();
         for (i, t) in selected.iter().enumerate() {
-            copies.push(match t.admit_lossless(size) {
+            copies.push(Entry::new(match t.admit_lossless(size) {
                 Some(Admission::Full) => return refused(t, &record),
                 Some(admission) => copy_for(t, admission),
                 None => {
                     last.push(i);
                     Copy::Done(Outcome::Failed)
                 }
-            });
+            }));
         }
         // (`Full` here only if a reload made such a target `reject` in
         // between: the two passes are not one atomic step.)
         for i in last {
-            if let (Some(t), Some(copy)) = (selected.get(i), copies.get_mut(i)) {
-                *copy = match t.admit(size) {
+            if let (Some(t), Some(entry)) = (selected.get(i), copies.get_mut(i)) {
+                entry.copy = match t.admit(size) {
                     Admission::Full => return refused(t, &record),
                     admission => copy_for(t, admission),
                 };
             }
         }
         // Counted once every target has admitted the request.
-        for (t, copy) in selected.iter().zip(&copies) {
-            if matches!(copy, Copy::Done(Outcome::Dropped)) {
+        for (t, entry) in selected.iter().zip(&copies) {
+            if matches!(entry.copy, Copy::Done(Outcome::Dropped)) {
                 t.count_result("dropped");
             }
         }
@@ -478,7 +478,7 @@ impl Fork {
         copies.join().await;
         let outcomes = std::mem::take(&mut copies.copies)
             .into_iter()
-            .map(|c| match c {
+            .map(|e| match e.copy {
                 Copy::Done(outcome) => outcome,
                 Copy::Live(_) | Copy::Spooling(_) => Outcome::Failed,
             });
@@ -576,6 +576,79 @@ enum Copy<F> {
     Done(Outcome),
 }
 
+/// A copy under [`Copies`], with its waker.
+struct Entry<F> {
+    copy: Copy<F>,
+    wake: CopyWake,
+}
+
+impl<F> Entry<F> {
+    fn new(copy: Copy<F>) -> Self {
+        let slot = Arc::new(Slot {
+            // Polled once at the start.
+            woken: AtomicBool::new(true),
+            forward: AtomicBool::new(true),
+            task: futures::task::AtomicWaker::new(),
+        });
+        Entry {
+            copy,
+            wake: CopyWake {
+                waker: std::task::Waker::from(slot.clone()),
+                slot,
+            },
+        }
+    }
+}
+
+/// The waker a copy's future is polled with, and its state.
+struct CopyWake {
+    slot: Arc<Slot>,
+    waker: std::task::Waker,
+}
+
+impl CopyWake {
+    /// Whether the copy was woken since it was last polled (and clears
+    /// it); registers the request's task with it.
+    fn take_woken(&self, task: &std::task::Waker) -> bool {
+        self.slot.task.register(task);
+        self.slot.woken.swap(false, Ordering::SeqCst)
+    }
+
+    /// Sets whether the copy's wake-ups wake the request's task; true when
+    /// that turns it on for a copy woken meanwhile (poll it now).
+    fn forward(&self, on: bool) -> bool {
+        let was = self.slot.forward.swap(on, Ordering::SeqCst);
+        on && !was && self.slot.woken.load(Ordering::SeqCst)
+    }
+
+    /// Marks the copy to be polled without a wake-up.
+    fn wake_here(&self) {
+        self.slot.woken.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One copy's wake-up: remembered, and passed on to the request's task
+/// while `forward` is set. (SeqCst on both flags: a wake-up that finds
+/// `forward` off is seen as `woken` by the join that turns it on.)
+struct Slot {
+    woken: AtomicBool,
+    forward: AtomicBool,
+    task: futures::task::AtomicWaker,
+}
+
+impl std::task::Wake for Slot {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        if self.forward.load(Ordering::SeqCst) {
+            self.task.wake();
+        }
+    }
+}
+
 /// Where a request's `secondary_wait` is.
 #[derive(Clone, Copy)]
 enum Wait {
@@ -607,7 +680,7 @@ const FOREVER: Duration = Duration::from_secs(365 * 86_400);
 /// the body's share of `max_inflight_bytes`.
 struct Copies<F: Future<Output = Sent> + Send + 'static> {
     /// In the order of `routing.selected()`.
-    copies: Vec<Copy<F>>,
+    copies: Vec<Entry<F>>,
     routing: Arc<Routing>,
     record: Arc<Record>,
     /// The active target's copy, whose outcome starts `secondary_wait`.
@@ -620,13 +693,26 @@ struct Copies<F: Future<Output = Sent> + Send + 'static> {
 }
 
 impl<F: Future<Output = Sent> + Send + 'static> Copies<F> {
-    /// Runs every copy to its outcome, polling them all on each wake-up.
-    /// Once the active copy has its outcome, one timer bounds the others:
-    /// live sends still running `secondary_wait` later are abandoned and
-    /// spooled. A copy whose answer is in when the active copy finishes
-    /// never arms the timer (every copy is polled before it is armed).
+    /// Runs every copy to its outcome. Each copy has a waker of its own
+    /// ([`Slot`]): a wake-up polls only the copies that were woken, and a
+    /// copy other than the active one wakes the request's task only once
+    /// the active copy has its outcome (before that the task could not act
+    /// on it: the answer waits for the active copy). Once the active copy
+    /// has its outcome, one timer bounds the others: live sends still
+    /// running `secondary_wait` later are abandoned and spooled. A copy
+    /// whose answer is in when the active copy finishes never arms the
+    /// timer (every woken copy is polled before it is armed).
     async fn join(&mut self) {
         let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+        // Every copy forwards when there is no active copy or it is done
+        // (already, in the task of a request whose client left).
+        let all_forward = self
+            .active
+            .and_then(|a| self.copies.get(a))
+            .is_none_or(|e| matches!(e.copy, Copy::Done(_)));
+        for (i, e) in self.copies.iter().enumerate() {
+            e.wake.forward(all_forward || Some(i) == self.active);
+        }
         std::future::poll_fn(|cx| {
             loop {
                 let mut running = false;
@@ -641,9 +727,18 @@ impl<F: Future<Output = Sent> + Send + 'static> Copies<F> {
                         let active_done = self
                             .active
                             .and_then(|i| self.copies.get(i))
-                            .is_some_and(|c| matches!(c, Copy::Done(_)));
+                            .is_some_and(|e| matches!(e.copy, Copy::Done(_)));
                         if !active_done {
                             return Poll::Pending;
+                        }
+                        // From now on every copy's wake-up is acted on;
+                        // one that woke before is polled by the next pass.
+                        let woken_meanwhile = self
+                            .copies
+                            .iter()
+                            .fold(false, |any, e| e.wake.forward(true) | any);
+                        if woken_meanwhile {
+                            continue;
                         }
                         let Some(until) = Instant::now().checked_add(wait.min(FOREVER)) else {
                             self.wait = Wait::Passed;
@@ -672,12 +767,20 @@ impl<F: Future<Output = Sent> + Send + 'static> Copies<F> {
         .await;
     }
 
-    /// Polls copy `i` until it is pending or done; a live send that failed
-    /// goes on to the spool at once.
+    /// Polls copy `i`, if it was woken, until it is pending or done; a
+    /// live send that failed goes on to the spool at once. The request's
+    /// task (`cx`) is what the copy's waker wakes.
     fn poll_copy(&mut self, i: usize, cx: &mut std::task::Context<'_>) -> Poll<()> {
-        let Some(c) = self.copies.get_mut(i) else {
+        let Some(Entry { copy: c, wake }) = self.copies.get_mut(i) else {
             return Poll::Ready(());
         };
+        if matches!(c, Copy::Done(_)) {
+            return Poll::Ready(());
+        }
+        if !wake.take_woken(cx.waker()) {
+            return Poll::Pending;
+        }
+        let cx = &mut std::task::Context::from_waker(&wake.waker);
         loop {
             match c {
                 Copy::Live(f) => match f.as_mut().poll(cx) {
@@ -708,10 +811,12 @@ impl<F: Future<Output = Sent> + Send + 'static> Copies<F> {
     /// already on their way to the spool are left to finish.
     fn abandon_live(&mut self) {
         let targets = self.routing.selected();
-        for (c, t) in self.copies.iter_mut().zip(targets) {
+        for (Entry { copy: c, wake }, t) in self.copies.iter_mut().zip(targets) {
             if !matches!(c, Copy::Live(_)) {
                 continue;
             }
+            // Polled by the same pass of the join.
+            wake.wake_here();
             tracing::info!(
                 target = %t.name, request_id = %self.record.request_id,
                 "secondary_wait passed after the active target answered; spooling this copy"
@@ -731,7 +836,7 @@ impl<F: Future<Output = Sent> + Send + 'static> Drop for Copies<F> {
         // A panic in a copy: its future cannot be polled again.
         if self.detached
             || std::thread::panicking()
-            || self.copies.iter().all(|c| matches!(c, Copy::Done(_)))
+            || self.copies.iter().all(|e| matches!(e.copy, Copy::Done(_)))
         {
             return;
         }

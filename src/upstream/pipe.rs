@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
@@ -242,29 +242,30 @@ impl Pipe {
 
     fn submit(&self, job: Job, now: Instant) {
         let now = ms_since(self.epoch, now);
-        let (conn, tx) = {
-            let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-            if self.abandoned.load(Ordering::Acquire) {
-                drop(conns);
-                let _ = job.reply.send(Err(abandoned()));
-                return;
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if self.abandoned.load(Ordering::Acquire) {
+            drop(conns);
+            let _ = job.reply.send(Err(abandoned()));
+            return;
+        }
+        conns.retain(|(c, _)| !c.closed.load(Ordering::Acquire));
+        let one_each = self.one_answer_per_conn.load(Ordering::Acquire);
+        let i = match choose(&conns, now, one_each) {
+            Some(i) => i,
+            None => {
+                conns.push(self.open());
+                conns.len() - 1
             }
-            conns.retain(|(c, _)| !c.closed.load(Ordering::Acquire));
-            let one_each = self.one_answer_per_conn.load(Ordering::Acquire);
-            let (conn, tx) = match choose(&conns, now, one_each) {
-                Some(i) => conns[i].clone(),
-                None => {
-                    let c = self.open();
-                    conns.push(c.clone());
-                    c
-                }
-            };
-            if conn.load.fetch_add(1, Ordering::AcqRel) == 0 {
-                conn.progress.store(now, Ordering::Release);
-            }
-            conn.unwritten.fetch_add(1, Ordering::AcqRel);
-            (conn, tx)
         };
+        // Sent under the lock (a send on an unbounded channel does not
+        // wait): no clone of the connection and its sender per request.
+        let Some((conn, tx)) = conns.get(i) else {
+            return;
+        };
+        if conn.load.fetch_add(1, Ordering::AcqRel) == 0 {
+            conn.progress.store(now, Ordering::Release);
+        }
+        conn.unwritten.fetch_add(1, Ordering::AcqRel);
         if let Err(mpsc::error::SendError(job)) = tx.send(job) {
             conn.unwritten.fetch_sub(1, Ordering::AcqRel);
             conn.load.fetch_sub(1, Ordering::AcqRel);
@@ -1003,13 +1004,14 @@ pub fn head_headers(head: &Bytes) -> HeaderMap {
     }
     let mut map = HeaderMap::with_capacity(resp.headers.len());
     for h in resp.headers.iter() {
+        // Every answer has one; skipped before its name is parsed.
+        if h.name.eq_ignore_ascii_case("content-length") {
+            continue;
+        }
         let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
             continue;
         };
-        if name == header::CONTENT_LENGTH
-            || crate::proxy_headers::is_hop_by_hop(&name)
-            || named.contains(&name)
-        {
+        if crate::proxy_headers::is_hop_by_hop(&name) || named.contains(&name) {
             continue;
         }
         if let Ok(value) = HeaderValue::from_maybe_shared(head.slice_ref(h.value)) {
@@ -1371,6 +1373,25 @@ mod tests {
         assert_eq!(h["retry-after"], "7");
         let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
         assert_eq!(cookies, ["a=1", "b=2"]);
+    }
+
+    #[test]
+    fn an_answer_head_with_bare_line_feeds_and_padded_values_gives_the_same_headers() -> TestResult
+    {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\nServer:\tx/1 \r\nX-Empty:\nConnection: close\n\
+               X-Colon: a:b \t\nContent-Length: 0\n\nNEXT"[..],
+        );
+        let Some(Some(p)) = parse_head(&mut buf)? else {
+            return Err("a complete head was not parsed".into());
+        };
+        let h = head_headers(&p.head);
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert_eq!(h["server"], "x/1");
+        assert_eq!(h["x-empty"], "");
+        assert_eq!(h["x-colon"], "a:b");
+        assert_eq!(&buf[..], b"NEXT");
+        Ok(())
     }
 
     #[test]
