@@ -587,7 +587,6 @@ impl<F> Entry<F> {
         let slot = Arc::new(Slot {
             // Polled once at the start.
             woken: AtomicBool::new(true),
-            forward: AtomicBool::new(true),
             task: futures::task::AtomicWaker::new(),
         });
         Entry {
@@ -614,25 +613,21 @@ impl CopyWake {
         self.slot.woken.swap(false, Ordering::SeqCst)
     }
 
-    /// Sets whether the copy's wake-ups wake the request's task; true when
-    /// that turns it on for a copy woken meanwhile (poll it now).
-    fn forward(&self, on: bool) -> bool {
-        let was = self.slot.forward.swap(on, Ordering::SeqCst);
-        on && !was && self.slot.woken.load(Ordering::SeqCst)
-    }
-
     /// Marks the copy to be polled without a wake-up.
     fn wake_here(&self) {
         self.slot.woken.store(true, Ordering::SeqCst);
     }
 }
 
-/// One copy's wake-up: remembered, and passed on to the request's task
-/// while `forward` is set. (SeqCst on both flags: a wake-up that finds
-/// `forward` off is seen as `woken` by the join that turns it on.)
+/// One copy's wake-up: remembered (the next pass of the join polls that
+/// copy) and passed on to the request's task.
+///
+/// Every wake-up is passed on, the non-active copies' too: a woken copy
+/// may have a step of its own to take (a request not sent, sent again;
+/// a TLS handshake; its own timeout), which must not wait for the active
+/// copy's outcome.
 struct Slot {
     woken: AtomicBool,
-    forward: AtomicBool,
     task: futures::task::AtomicWaker,
 }
 
@@ -643,9 +638,7 @@ impl std::task::Wake for Slot {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::SeqCst);
-        if self.forward.load(Ordering::SeqCst) {
-            self.task.wake();
-        }
+        self.task.wake();
     }
 }
 
@@ -694,25 +687,14 @@ struct Copies<F: Future<Output = Sent> + Send + 'static> {
 
 impl<F: Future<Output = Sent> + Send + 'static> Copies<F> {
     /// Runs every copy to its outcome. Each copy has a waker of its own
-    /// ([`Slot`]): a wake-up polls only the copies that were woken, and a
-    /// copy other than the active one wakes the request's task only once
-    /// the active copy has its outcome (before that the task could not act
-    /// on it: the answer waits for the active copy). Once the active copy
-    /// has its outcome, one timer bounds the others: live sends still
-    /// running `secondary_wait` later are abandoned and spooled. A copy
-    /// whose answer is in when the active copy finishes never arms the
-    /// timer (every woken copy is polled before it is armed).
+    /// ([`Slot`]): a wake-up polls only the copies that were woken (not
+    /// every running copy). Once the active copy has its outcome, one
+    /// timer bounds the others: live sends still running `secondary_wait`
+    /// later are abandoned and spooled. A copy whose answer is in when the
+    /// active copy finishes never arms the timer (every woken copy is
+    /// polled before it is armed).
     async fn join(&mut self) {
         let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
-        // Every copy forwards when there is no active copy or it is done
-        // (already, in the task of a request whose client left).
-        let all_forward = self
-            .active
-            .and_then(|a| self.copies.get(a))
-            .is_none_or(|e| matches!(e.copy, Copy::Done(_)));
-        for (i, e) in self.copies.iter().enumerate() {
-            e.wake.forward(all_forward || Some(i) == self.active);
-        }
         std::future::poll_fn(|cx| {
             loop {
                 let mut running = false;
@@ -730,15 +712,6 @@ impl<F: Future<Output = Sent> + Send + 'static> Copies<F> {
                             .is_some_and(|e| matches!(e.copy, Copy::Done(_)));
                         if !active_done {
                             return Poll::Pending;
-                        }
-                        // From now on every copy's wake-up is acted on;
-                        // one that woke before is polled by the next pass.
-                        let woken_meanwhile = self
-                            .copies
-                            .iter()
-                            .fold(false, |any, e| e.wake.forward(true) | any);
-                        if woken_meanwhile {
-                            continue;
                         }
                         let Some(until) = Instant::now().checked_add(wait.min(FOREVER)) else {
                             self.wait = Wait::Passed;

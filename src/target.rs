@@ -421,11 +421,15 @@ impl TargetRuntime {
 
     /// Updates the buffer gauges and counters from the spool.
     pub fn refresh_metrics(&self) {
+        // Read before the state lock: `stats` may wait for the rejected
+        // area's lock, which is held across its fsyncs, and admissions
+        // take the state lock.
+        let stats = self.spool.stats();
+        let max_size = self.spool.bounds().0;
         let _state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if self.forgotten.load(Ordering::Relaxed) {
             return;
         }
-        let stats = self.spool.stats();
         let name = self.name.as_str();
         let m = &self.metrics;
         m.buffer_bytes
@@ -436,7 +440,7 @@ impl TargetRuntime {
             .set(to_i64(stats.records));
         m.buffer_max_bytes
             .with_label_values(&[name])
-            .set(to_i64(self.spool.bounds().0));
+            .set(to_i64(max_size));
         let age = stats
             .oldest_accepted_at
             .and_then(|t| SystemTime::now().duration_since(t).ok())
@@ -773,10 +777,6 @@ fn admission(reserved: Result<Reservation, Refused>) -> Admission {
     }
 }
 
-/// The pause before attempt `failures + 1`: a uniform draw (`unit` in
-/// `[0, 1)`) below `initial_backoff × 2^(failures-1)`, capped at
-/// `max_backoff`; at least the target's `Retry-After`, itself capped at
-/// `max_backoff`.
 /// What a cumulative spool counter read as `now` adds to its metric, given
 /// the mark of what was added already (moved up to `now`). A refresh that
 /// read older stats than the last one adds nothing and leaves the mark.
@@ -784,6 +784,10 @@ fn newly_counted(seen: &AtomicU64, now: u64) -> u64 {
     now.saturating_sub(seen.fetch_max(now, Ordering::Relaxed))
 }
 
+/// The pause before attempt `failures + 1`: a uniform draw (`unit` in
+/// `[0, 1)`) below `initial_backoff × 2^(failures-1)`, capped at
+/// `max_backoff`; at least the target's `Retry-After`, itself capped at
+/// `max_backoff`.
 fn backoff_delay(
     retry: &RetryConfig,
     failures: u32,

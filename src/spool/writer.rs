@@ -563,28 +563,36 @@ impl Writer {
             syncer.finish();
         }
         // Every policy syncs at a clean close: under `never`, the segments
-        // sealed since the spool opened too, and the directory that holds
-        // their names.
-        if let Err(e) = self.sync_active().and_then(|()| self.sync_sealed()) {
+        // sealed since the spool opened too (those still there once the
+        // cursor is written and delivered segments are deleted), and the
+        // directory that holds their names.
+        if let Err(e) = self.sync_active() {
             tracing::warn!(error = %e, "spool fsync at close failed");
         }
         self.housekeeping(true);
+        self.sync_sealed();
     }
 
-    fn sync_sealed(&mut self) -> Result<(), SpoolError> {
+    /// Syncs every segment sealed and never synced, then the directory;
+    /// a failure is logged and the others are still synced.
+    fn sync_sealed(&mut self) {
         if self.unsynced_sealed.is_empty() {
-            return Ok(());
+            return;
         }
         for base in std::mem::take(&mut self.unsynced_sealed) {
             let path = self.segment_path(base);
             match fs::File::open(&path).and_then(|f| f.sync_data()) {
                 Ok(()) => {}
-                // Deleted once delivered, after the last cursor write.
+                // Deleted once delivered.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(SpoolError::io("sync", &path, e)),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "spool fsync at close failed")
+                }
             }
         }
-        fsutil::sync_dir(&self.core.dir).map_err(|e| SpoolError::io("sync", &self.core.dir, e))
+        if let Err(e) = fsutil::sync_dir(&self.core.dir) {
+            tracing::warn!(dir = %self.core.dir.display(), error = %e, "spool fsync at close failed");
+        }
     }
 }
 

@@ -367,7 +367,7 @@ struct Shared {
     epoch: Instant,
     pending: Mutex<VecDeque<Pending>>,
     /// Requests wholly written since the connection opened, and requests
-    /// answered (or failed by their deadline) since then: the oldest
+    /// answered since then: the oldest
     /// pending request is wholly written when `written > answered`, which
     /// holds for early answers too (a target may answer a request before
     /// it has all of it). Touched by the connection's one task only.

@@ -1208,6 +1208,42 @@ async fn an_http2_client_that_resets_its_stream_after_the_body_still_has_its_req
     );
 }
 
+/// A copy does not wait for the active copy to take its own steps: the
+/// backup answers while the primary (the active target) still hangs, and
+/// its copy is delivered and counted then, not when the primary ends.
+/// (A copy woken by a request not sent, a TLS handshake or its own
+/// timeout has the same need.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secondary_copy_completes_while_the_active_copy_still_hangs() {
+    let primary = sink_scripted([Behavior::Hang]).await;
+    // Answers well after the copies were sent: nothing else is happening
+    // on the request then.
+    let backup = sink_scripted([Behavior::Delay(std::time::Duration::from_millis(300), 200)]).await;
+    let d =
+        Daemon::start(&Conf::pair(&primary, &backup).target_line("primary", "timeout = \"60s\""))
+            .await;
+
+    let answer = {
+        let client = d.client.clone();
+        let req = Request::post(d.url("/held"))
+            .body(Full::new(Bytes::from("held")))
+            .unwrap();
+        tokio::spawn(async move { client.request(req).await })
+    };
+
+    wait_for(
+        "the backup's copy to be delivered while the primary hangs",
+        async || d.target_result("backup", "delivered").await == 1.0,
+    )
+    .await;
+    assert_eq!(backup.delivered_count(), 1);
+    assert_eq!(primary.received().len(), 1);
+    assert!(
+        !answer.is_finished(),
+        "the answer waits for the active target"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2c_prior_knowledge_client_is_answered_and_its_request_forked() {
     let primary = sink().await;
