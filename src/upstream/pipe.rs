@@ -488,7 +488,18 @@ async fn run(
                 end = &mut reader => break end,
                 () = &mut abort => break End { first: abandoned() },
                 w = &mut writer, if writing => match w {
-                    Err(e) => break End { first: e },
+                    // The target may have answered before it stopped
+                    // reading (a 413 for a body it will not take, then a
+                    // close): no new request here, and the reader reads
+                    // what was sent before the connection ends. Its end
+                    // says whether the oldest request went out whole.
+                    Err(e) => {
+                        writing = false;
+                        shared.conn.closed.store(true, Ordering::Release);
+                        if shared.lock().is_empty() {
+                            break End { first: e };
+                        }
+                    }
                     // The pipe is gone: finish what is in flight, then close.
                     Ok(()) => {
                         writing = false;
@@ -1214,6 +1225,63 @@ mod tests {
         target.await??;
         let kind = third.err().map(|e| e.kind);
         assert_eq!(kind, Some(PipeErrorKind::NotSent));
+        Ok(())
+    }
+
+    /// A target that refuses a body it will not read (a 413 as soon as it
+    /// has the head, then a close with the body unread, which resets the
+    /// connection under forkd's write): its answer is relayed, not lost
+    /// behind the failed write, so the copy is rejected, not retried for
+    /// ever. (Eight times: which of the failed write and the answer forkd
+    /// sees first is a race, which the old code lost about half the time.)
+    #[tokio::test]
+    async fn an_answer_sent_before_the_target_stopped_reading_is_not_lost_to_the_failed_write()
+    -> TestResult {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Larger than loopback's socket buffers on both ends.
+        const BIG: usize = 32 << 20;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        const ROUNDS: usize = 8;
+        let target = tokio::spawn(async move {
+            for _ in 0..ROUNDS {
+                let (mut s, _) = listener.accept().await?;
+                let mut buf = vec![0u8; 64 << 10];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut buf).await?;
+                    if n == 0 {
+                        return Err(std::io::Error::other("closed before the head"));
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                s.write_all(
+                    b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                )
+                .await?;
+                // Unread body bytes in hand: this close resets the connection.
+                drop(s);
+            }
+            Ok::<_, std::io::Error>(())
+        });
+        let pipe = Pipe::new("127.0.0.1", port, Duration::from_secs(5));
+        let head = Bytes::from(format!(
+            "POST / HTTP/1.1\r\nhost: t\r\ncontent-length: {BIG}\r\n\r\n"
+        ));
+        let body = Bytes::from(vec![b'x'; BIG]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for round in 0..ROUNDS {
+            let answer = pipe
+                .send(head.clone(), body.clone(), Instant::now(), deadline)
+                .await;
+            assert_eq!(
+                answer
+                    .map(|a| a.status)
+                    .map_err(|e| format!("round {round}: {:?}: {}", e.kind, e.detail)),
+                Ok(StatusCode::PAYLOAD_TOO_LARGE)
+            );
+        }
+        target.await??;
         Ok(())
     }
 
