@@ -543,18 +543,31 @@ fn close(shared: &Shared, rx: &mut mpsc::UnboundedReceiver<Job>, first: PipeErro
         };
         let _ = p.reply.send(Err(err));
     }
+    fail_queued(shared, rx, now, |job| match &first {
+        Some(e) if e.kind == PipeErrorKind::Connect => {
+            PipeError::new(PipeErrorKind::Connect, e.detail.as_str())
+        }
+        _ if job.deadline <= now => late(),
+        Some(e) => PipeError::new(PipeErrorKind::NotSent, e.detail.as_str()),
+        None => PipeError::new(PipeErrorKind::NotSent, "connection closed"),
+    });
+}
+
+/// Closes the connection's queue and fails the requests in it (none of
+/// them written), each with the error `err` gives it.
+fn fail_queued(
+    shared: &Shared,
+    rx: &mut mpsc::UnboundedReceiver<Job>,
+    now: Instant,
+    err: impl Fn(&Job) -> PipeError,
+) {
+    rx.close();
+    let now_ms = shared.ms(now);
     while let Ok(job) = rx.try_recv() {
         shared.conn.unwritten.fetch_sub(1, Ordering::AcqRel);
         shared.done_one(now_ms);
-        let err = match &first {
-            Some(e) if e.kind == PipeErrorKind::Connect => {
-                PipeError::new(PipeErrorKind::Connect, e.detail.as_str())
-            }
-            _ if job.deadline <= now => late(),
-            Some(e) => PipeError::new(PipeErrorKind::NotSent, e.detail.as_str()),
-            None => PipeError::new(PipeErrorKind::NotSent, "connection closed"),
-        };
-        let _ = job.reply.send(Err(err));
+        let e = err(&job);
+        let _ = job.reply.send(Err(e));
     }
 }
 
@@ -645,10 +658,8 @@ async fn write_loop(
             };
             match n {
                 Ok(0) => {
-                    return Err(PipeError::new(
-                        shared.unanswered(),
-                        "connection closed while sending",
-                    ));
+                    let e = PipeError::new(shared.unanswered(), "connection closed while sending");
+                    return Err(failed_write(shared, rx, e));
                 }
                 Ok(mut n) => {
                     let mut ended = 0;
@@ -671,11 +682,29 @@ async fn write_loop(
                     shared.written.fetch_add(ended, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    return Err(PipeError::new(shared.unanswered(), format!("sending: {e}")));
+                    let e = PipeError::new(shared.unanswered(), format!("sending: {e}"));
+                    return Err(failed_write(shared, rx, e));
                 }
             }
         }
     }
+}
+
+/// A write failed: the requests queued behind it will not be written on
+/// this connection, and are failed as not sent at once (sent again on
+/// another), while the reader reads what the target sent before it
+/// stopped reading (see `run`).
+fn failed_write(shared: &Shared, rx: &mut mpsc::UnboundedReceiver<Job>, e: PipeError) -> PipeError {
+    shared.conn.closed.store(true, Ordering::Release);
+    let now = Instant::now();
+    fail_queued(shared, rx, now, |job| {
+        if job.deadline <= now {
+            late()
+        } else {
+            PipeError::new(PipeErrorKind::NotSent, e.detail.as_str())
+        }
+    });
+    e
 }
 
 /// Lets the tasks already queued run once before the caller goes on,
