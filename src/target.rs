@@ -672,8 +672,9 @@ impl TargetRuntime {
         if *slot == State::Up {
             return;
         }
-        let stats = self.spool.stats();
-        if stats.records == 0 && stats.reserved_bytes == 0 {
+        // Not `stats`: admissions wait on this lock, and `stats` may wait
+        // for the rejected area's fsyncs.
+        if self.spool.is_idle() {
             self.set_state_locked(&mut slot, State::Up);
         }
     }

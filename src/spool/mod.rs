@@ -865,6 +865,13 @@ impl Spool {
             .put(record)
     }
 
+    /// Whether nothing is spooled, pending or reserved: [`stats`](Self::stats)
+    /// without the rejected area's lock, which is held across fsyncs.
+    pub fn is_idle(&self) -> bool {
+        let st = self.core().lock();
+        st.index.is_empty() && st.pending_records == 0 && st.reserved == 0
+    }
+
     /// Counters for metrics and `/status`.
     pub fn stats(&self) -> SpoolStats {
         let core = self.core();
