@@ -426,10 +426,9 @@ impl TargetRuntime {
         // take the state lock.
         let stats = self.spool.stats();
         let max_size = self.spool.bounds().0;
-        let _state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if self.forgotten.load(Ordering::Relaxed) {
+        let Some(_state) = self.publishing() else {
             return;
-        }
+        };
         let name = self.name.as_str();
         let m = &self.metrics;
         m.buffer_bytes
@@ -480,14 +479,20 @@ impl TargetRuntime {
 
     /// Marks whether the target receives new requests.
     pub fn set_selected(&self, selected: bool) {
-        let _state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if self.forgotten.load(Ordering::Relaxed) {
+        let Some(_state) = self.publishing() else {
             return;
-        }
+        };
         self.metrics
             .target_selected
             .with_label_values(&[&self.name])
             .set(i64::from(selected));
+    }
+
+    /// The state lock, held while a target's series are written, unless
+    /// the target left the config and its series are removed.
+    fn publishing(&self) -> Option<std::sync::MutexGuard<'_, State>> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        (!self.forgotten.load(Ordering::Relaxed)).then_some(state)
     }
 
     /// Removes the target's metric series (it left the config).

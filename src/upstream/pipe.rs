@@ -490,12 +490,12 @@ async fn run(
                 w = &mut writer, if writing => match w {
                     // The target may have answered before it stopped
                     // reading (a 413 for a body it will not take, then a
-                    // close): no new request here, and the reader reads
-                    // what was sent before the connection ends. Its end
-                    // says whether the oldest request went out whole.
+                    // close): the connection takes no new request (see
+                    // `failed_write`), and the reader reads what was sent
+                    // before the connection ends. Its end says whether
+                    // the oldest request went out whole.
                     Err(e) => {
                         writing = false;
-                        shared.conn.closed.store(true, Ordering::Release);
                         if shared.lock().is_empty() {
                             break End { first: e };
                         }
