@@ -634,6 +634,7 @@ pub async fn start_on(
         tokio::spawn(async move {
             let _ = main.await;
             control.ready.store(false, Ordering::Release);
+            control.fork.close();
             control.finish_in_flight().await;
             let _ = admin.await;
             control.close_all().await;

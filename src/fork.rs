@@ -112,6 +112,10 @@ pub struct Fork {
     metrics: Metrics,
     /// Requests being forked (shutdown waits for them to be sent or spooled).
     in_flight: Arc<AtomicUsize>,
+    /// Set at shutdown before the wait for `in_flight`: a request whose
+    /// body is read after that is refused, not forked against spools that
+    /// are about to close.
+    closed: AtomicBool,
 }
 
 /// Counts a request in [`Fork::in_flight`] while it lives, dropped or not
@@ -120,7 +124,8 @@ struct InFlight(Arc<AtomicUsize>);
 
 impl InFlight {
     fn enter(n: &Arc<AtomicUsize>) -> Self {
-        n.fetch_add(1, Ordering::AcqRel);
+        // SeqCst, with `Fork::closed`: see `Fork::close`.
+        n.fetch_add(1, Ordering::SeqCst);
         InFlight(n.clone())
     }
 }
@@ -156,6 +161,7 @@ impl Fork {
             budget: Budget::new(max_inflight_bytes),
             metrics,
             in_flight: Arc::new(AtomicUsize::new(0)),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -179,7 +185,21 @@ impl Fork {
     /// Requests whose body is read and whose copies are being sent or
     /// spooled now.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Refuses (503) every request whose body is read from now on; call
+    /// before waiting for [`Fork::in_flight`] to reach zero at shutdown.
+    ///
+    /// Without it, a client still sending its body when the shutdown bound
+    /// passed keeps its connection, and a body completing before the process
+    /// exits was forked against closed spools: the active target's 2xx was
+    /// relayed while the backup's copy could not be kept. A request enters
+    /// `in_flight` and then reads `closed`, shutdown sets `closed` and then
+    /// reads `in_flight` (all SeqCst): either the request sees `closed`, or
+    /// shutdown sees the request and waits for it.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
     }
 
     /// Handles one client request and counts the answer.
@@ -386,6 +406,9 @@ impl Fork {
     /// copy has its outcome.
     async fn fork(&self, record: Record, routing: &Arc<Routing>, budget: Inflight) -> Resp {
         let counted = InFlight::enter(&self.in_flight);
+        if self.closed.load(Ordering::SeqCst) {
+            return unavailable("shutting down; retry later\n");
+        }
         let cfg = &routing.config;
         let selected = routing.selected();
         if selected.is_empty() {

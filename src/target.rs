@@ -86,6 +86,10 @@ pub struct TargetRuntime {
     /// are given up (and their copies spooled), new ones fail at once.
     abandoned: AtomicBool,
     abandon: tokio::sync::Notify,
+    /// Wakes an idle worker when a copy that failed live leaves nothing in
+    /// the spool for it to wake on (dropped, or its append failed): it
+    /// backs off, finds the spool empty, and sets the target `up` again.
+    kick: tokio::sync::Notify,
     /// Wakes the worker on config change or shutdown.
     stop: watch::Sender<bool>,
     worker: Mutex<Option<JoinHandle<()>>>,
@@ -135,6 +139,7 @@ impl TargetRuntime {
             next_attempt: Mutex::new(None),
             abandoned: AtomicBool::new(false),
             abandon: tokio::sync::Notify::new(),
+            kick: tokio::sync::Notify::new(),
             stop,
             worker: Mutex::new(None),
         });
@@ -199,10 +204,17 @@ impl TargetRuntime {
                 "changed buffer fsync, segment_size or rejected_max_size take effect when forkd restarts"
             );
         }
+        let changed =
+            *old != target || *self.retry.read().unwrap_or_else(|p| p.into_inner()) != retry;
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(target);
         *self.retry.write().unwrap_or_else(|p| p.into_inner()) = retry;
-        // Wake the worker so a backoff computed under the old settings ends.
-        self.stop.send_modify(|_| {});
+        // Wake the worker so a backoff computed under the old settings ends
+        // (a fixed URL or a rotated token is tried at once). A reload that
+        // leaves the target and `[retry]` as they were keeps the pause: a
+        // target that asked for a `Retry-After` is not probed early.
+        if changed {
+            self.stop.send_modify(|_| {});
+        }
     }
 
     pub fn state(&self) -> State {
@@ -300,7 +312,10 @@ impl TargetRuntime {
     fn reserve_admitted(&self, bytes: u64) -> Option<Reservation> {
         match self.spool.try_reserve(bytes) {
             Ok(r) => Some(r),
-            Err(Refused::Dropped) => None,
+            Err(Refused::Dropped) => {
+                self.kick.notify_one();
+                None
+            }
             Err(Refused::Rejected) => Some(self.spool.reserve_overcommit(bytes)),
         }
     }
@@ -579,6 +594,7 @@ impl TargetRuntime {
                 let Some(r) = reader.as_mut() else { return };
                 tokio::select! {
                     _ = r.wait() => {}
+                    () = self.kick.notified() => {}
                     _ = stop.changed() => {}
                 }
                 continue;
@@ -712,7 +728,10 @@ impl TargetRuntime {
         let result = self.spool.append(reservation, record).await;
         match &result {
             Ok(_) => self.count_result("spooled"),
-            Err(e) => tracing::error!(target = %self.name, error = %e, "cannot spool request"),
+            Err(e) => {
+                tracing::error!(target = %self.name, error = %e, "cannot spool request");
+                self.kick.notify_one();
+            }
         }
         result.map(|_| ())
     }
@@ -842,8 +861,16 @@ mod tests {
     fn idle_target(
         dir: &std::path::Path,
     ) -> Result<Arc<TargetRuntime>, Box<dyn std::error::Error>> {
+        target_at(dir, "http://127.0.0.1:9")
+    }
+
+    /// An up target named `primary` at `url` over a fresh spool.
+    fn target_at(
+        dir: &std::path::Path,
+        url: &str,
+    ) -> Result<Arc<TargetRuntime>, Box<dyn std::error::Error>> {
         let text = format!(
-            "[targets.primary]\nurl = \"http://127.0.0.1:9\"\n[buffer]\ndir = {:?}\n",
+            "[targets.primary]\nurl = {url:?}\n[buffer]\ndir = {:?}\n",
             dir.display().to_string()
         );
         let config = Config::from_text(&text, ConfigFormat::Toml, |_| None, [])?;
@@ -947,6 +974,47 @@ mod tests {
         drop(reservation);
         t.maybe_up();
         assert_eq!(t.state(), State::Up);
+        Ok(())
+    }
+
+    /// A live send failed and its copy could not be spooled (here: a
+    /// record the spool cannot encode; in the field, a disk error). The
+    /// target went `down` with nothing spooled: its worker, idle, has no
+    /// append to wake on, yet must set it `up` again, or every later request
+    /// is spooled (or refused) instead of sent.
+    #[tokio::test]
+    async fn a_target_whose_failed_copy_could_not_be_spooled_comes_back_up() -> TestResult {
+        let sink = crate::sink::SinkBuilder::new().start().await?;
+        let dir = tempfile::tempdir()?;
+        let t = target_at(dir.path(), &sink.url())?;
+        t.start();
+        let up_again = async |t: &TargetRuntime| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while t.state() != State::Up {
+                if Instant::now() > deadline {
+                    return Err(format!("still {} with an empty spool", t.state().as_str()));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok(())
+        };
+        // First a failed copy that is spooled and replayed: once the target
+        // is up again, its worker has found the spool empty and waits.
+        let first = record("first");
+        let reservation = t.fail_live(first.encoded_len(), None).ok_or("dropped")?;
+        t.append(reservation, Arc::new(first)).await?;
+        up_again(&t).await?;
+        assert_eq!(sink.delivered_count(), 1);
+
+        let unencodable = Record {
+            request_id: "x".repeat(70_000),
+            ..record("")
+        };
+        let reservation = t.fail_live(100, None).ok_or("dropped")?;
+        assert_eq!(t.state(), State::Down);
+        assert!(t.append(reservation, Arc::new(unencodable)).await.is_err());
+        up_again(&t).await?;
+        t.stop().await;
         Ok(())
     }
 

@@ -117,12 +117,32 @@ async fn a_down_target_gets_no_connection_for_new_requests_while_it_honours_retr
     assert_eq!(d.target_result("primary", "spooled").await, 5.0);
     assert_eq!(d.target_status("primary").await["buffer_records"], 5);
 
-    // A config change ends the pause early (documented in target.rs); the
-    // target now answers 200 and the backlog goes out in order.
+    // A reload that leaves the target as it was keeps the pause.
     d.reload(&conf).await.unwrap();
-    wait_for("the backlog", async || primary.delivered_count() == 5).await;
+    assert!(
+        d.target_status("primary").await["next_attempt_in_seconds"]
+            .as_u64()
+            .is_some_and(|s| s >= 20),
+        "a reload that changed nothing cut the Retry-After short"
+    );
+    for i in 5..7 {
+        assert_eq!(d.post("/r", seq(i)).await.status, 202);
+    }
+    assert_eq!(
+        primary.received().len(),
+        1,
+        "a down target was contacted after a reload that changed nothing"
+    );
+
+    // A change to the target ends the pause early (documented in
+    // target.rs): the target now answers 200 and the backlog goes out in
+    // order.
+    d.reload(&conf.clone().target_line("primary", "timeout = \"6s\""))
+        .await
+        .unwrap();
+    wait_for("the backlog", async || primary.delivered_count() == 7).await;
     d.wait_drained("primary").await;
-    assert_eq!(delivered_bodies(&primary), seqs(0..5));
+    assert_eq!(delivered_bodies(&primary), seqs(0..7));
     assert!(d.target_status("primary").await["next_attempt_in_seconds"].is_null());
 }
 

@@ -368,6 +368,38 @@ async fn shutdown_lets_an_in_flight_request_finish_and_a_restart_reopens_the_spo
     assert_eq!(bodies(&backup), ["in flight"]);
 }
 
+/// A client still sending its body when the shutdown bound passes keeps
+/// its connection; if the body completes before the process exits, the
+/// spools are already closed. Acknowledging it then would lose the backup's
+/// copy: it is refused instead (and sent nowhere), so the client retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_body_completes_after_shutdown_is_refused_not_acknowledged() {
+    let primary = sink().await;
+    let backup = stopped_sink().await;
+    let conf = Conf::pair(&primary, &backup).server("shutdown_timeout = \"1s\"");
+    let mut d = Daemon::start(&conf).await;
+    let mut s = connect(d.running().addr).await;
+    write_all(
+        &mut s,
+        b"POST /late HTTP/1.1\r\nhost: forkd\r\nx-request-id: late\r\ncontent-length: 10\r\n\r\nhalf-",
+    )
+    .await;
+    wait_for("forkd to hold the connection", async || {
+        d.metric("forkd_client_connections", &[]).await >= 1.0
+    })
+    .await;
+    d.shutdown().await;
+
+    write_all(&mut s, b"body!").await;
+    let mut buf = Vec::new();
+    let head = read_head(&mut s, &mut buf).await;
+    assert_eq!(head_status(&head), 503, "{head}");
+    assert!(
+        primary.received().is_empty(),
+        "a refused request was sent to the primary"
+    );
+}
+
 /// Shuts forkd down while a POST to `path` is at `primary` (sent from a
 /// task of its own, awaited once the shutdown is done), and returns the
 /// status the client got: a request in flight must be answered, not cut off.
