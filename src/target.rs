@@ -86,10 +86,6 @@ pub struct TargetRuntime {
     /// are given up (and their copies spooled), new ones fail at once.
     abandoned: AtomicBool,
     abandon: tokio::sync::Notify,
-    /// Wakes an idle worker when a copy that failed live leaves nothing in
-    /// the spool for it to wake on (dropped, or its append failed): it
-    /// backs off, finds the spool empty, and sets the target `up` again.
-    kick: tokio::sync::Notify,
     /// Wakes the worker on config change or shutdown.
     stop: watch::Sender<bool>,
     worker: Mutex<Option<JoinHandle<()>>>,
@@ -139,7 +135,6 @@ impl TargetRuntime {
             next_attempt: Mutex::new(None),
             abandoned: AtomicBool::new(false),
             abandon: tokio::sync::Notify::new(),
-            kick: tokio::sync::Notify::new(),
             stop,
             worker: Mutex::new(None),
         });
@@ -313,7 +308,10 @@ impl TargetRuntime {
         match self.spool.try_reserve(bytes) {
             Ok(r) => Some(r),
             Err(Refused::Dropped) => {
-                self.kick.notify_one();
+                // The target left `up` with nothing spooled: its idle
+                // worker must look again (it backs off, finds the spool
+                // empty and sets the target `up`).
+                self.spool.wake_readers();
                 None
             }
             Err(Refused::Rejected) => Some(self.spool.reserve_overcommit(bytes)),
@@ -594,8 +592,20 @@ impl TargetRuntime {
                 let Some(r) = reader.as_mut() else { return };
                 tokio::select! {
                     _ = r.wait() => {}
-                    () = self.kick.notified() => {}
                     _ = stop.changed() => {}
+                }
+                continue;
+            }
+            // A live send failed after the check at the top of the loop (its
+            // copy may be in this batch): back off first, as the target asked.
+            if self
+                .live_failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+            {
+                if let Some(r) = reader.as_mut() {
+                    r.rewind();
                 }
                 continue;
             }
@@ -728,10 +738,7 @@ impl TargetRuntime {
         let result = self.spool.append(reservation, record).await;
         match &result {
             Ok(_) => self.count_result("spooled"),
-            Err(e) => {
-                tracing::error!(target = %self.name, error = %e, "cannot spool request");
-                self.kick.notify_one();
-            }
+            Err(e) => tracing::error!(target = %self.name, error = %e, "cannot spool request"),
         }
         result.map(|_| ())
     }
@@ -861,16 +868,18 @@ mod tests {
     fn idle_target(
         dir: &std::path::Path,
     ) -> Result<Arc<TargetRuntime>, Box<dyn std::error::Error>> {
-        target_at(dir, "http://127.0.0.1:9")
+        target_with(dir, "http://127.0.0.1:9", "")
     }
 
-    /// An up target named `primary` at `url` over a fresh spool.
-    fn target_at(
+    /// An up target named `primary` at `url` over a fresh spool, with
+    /// `buffer`'s lines in `[buffer]`.
+    fn target_with(
         dir: &std::path::Path,
         url: &str,
+        buffer: &str,
     ) -> Result<Arc<TargetRuntime>, Box<dyn std::error::Error>> {
         let text = format!(
-            "[targets.primary]\nurl = {url:?}\n[buffer]\ndir = {:?}\n",
+            "[targets.primary]\nurl = {url:?}\n[buffer]\ndir = {:?}\n{buffer}",
             dir.display().to_string()
         );
         let config = Config::from_text(&text, ConfigFormat::Toml, |_| None, [])?;
@@ -984,28 +993,8 @@ mod tests {
     /// is spooled (or refused) instead of sent.
     #[tokio::test]
     async fn a_target_whose_failed_copy_could_not_be_spooled_comes_back_up() -> TestResult {
-        let sink = crate::sink::SinkBuilder::new().start().await?;
         let dir = tempfile::tempdir()?;
-        let t = target_at(dir.path(), &sink.url())?;
-        t.start();
-        let up_again = async |t: &TargetRuntime| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while t.state() != State::Up {
-                if Instant::now() > deadline {
-                    return Err(format!("still {} with an empty spool", t.state().as_str()));
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Ok(())
-        };
-        // First a failed copy that is spooled and replayed: once the target
-        // is up again, its worker has found the spool empty and waits.
-        let first = record("first");
-        let reservation = t.fail_live(first.encoded_len(), None).ok_or("dropped")?;
-        t.append(reservation, Arc::new(first)).await?;
-        up_again(&t).await?;
-        assert_eq!(sink.delivered_count(), 1);
-
+        let (t, _sink) = with_an_idle_worker(dir.path(), "").await?;
         let unencodable = Record {
             request_id: "x".repeat(70_000),
             ..record("")
@@ -1013,8 +1002,51 @@ mod tests {
         let reservation = t.fail_live(100, None).ok_or("dropped")?;
         assert_eq!(t.state(), State::Down);
         assert!(t.append(reservation, Arc::new(unencodable)).await.is_err());
-        up_again(&t).await?;
+        wait_until_up(&t).await?;
         t.stop().await;
+        Ok(())
+    }
+
+    /// The same when the copy is dropped (`drop_newest`, no room for it):
+    /// the target left `up` and nothing was spooled or reserved.
+    #[tokio::test]
+    async fn a_target_whose_failed_copy_was_dropped_comes_back_up() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let buffer = "max_size = \"1MiB\"\nwhen_full = \"drop_newest\"\n";
+        let (t, _sink) = with_an_idle_worker(dir.path(), buffer).await?;
+        assert!(t.fail_live(2 << 20, None).is_none(), "not dropped");
+        assert_eq!(t.state(), State::Down);
+        wait_until_up(&t).await?;
+        t.stop().await;
+        Ok(())
+    }
+
+    /// A target at a sink, its worker started and idle: a first failed
+    /// copy was spooled and replayed, and once the target is up again its
+    /// worker has found the spool empty and waits.
+    async fn with_an_idle_worker(
+        dir: &std::path::Path,
+        buffer: &str,
+    ) -> Result<(Arc<TargetRuntime>, crate::sink::Sink), Box<dyn std::error::Error>> {
+        let sink = crate::sink::SinkBuilder::new().start().await?;
+        let t = target_with(dir, &sink.url(), buffer)?;
+        t.start();
+        let first = record("first");
+        let reservation = t.fail_live(first.encoded_len(), None).ok_or("dropped")?;
+        t.append(reservation, Arc::new(first)).await?;
+        wait_until_up(&t).await?;
+        assert_eq!(sink.delivered_count(), 1);
+        Ok((t, sink))
+    }
+
+    async fn wait_until_up(t: &TargetRuntime) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while t.state() != State::Up {
+            if Instant::now() > deadline {
+                return Err(format!("still {} with an empty spool", t.state().as_str()));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         Ok(())
     }
 

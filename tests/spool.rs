@@ -2117,6 +2117,44 @@ fn poll_once<F: Future>(fut: std::pin::Pin<&mut F>, waker: &Waker) -> Poll<F::Ou
     fut.poll(&mut Context::from_waker(waker))
 }
 
+/// The delivery worker reads, finds nothing, checks whether the spool is
+/// idle (nothing spooled, pending or reserved) and waits. Room reserved
+/// for a record that is then never appended (its append failed, or the
+/// request was refused at another target) makes the spool idle without an
+/// append: the waiting reader must wake, or its target stays `down` or
+/// `draining` with an empty spool.
+#[test]
+fn a_waiting_reader_wakes_when_reserved_room_is_given_back() {
+    let _gate = gate();
+    let tmp = tempdir().unwrap();
+    let spool = Spool::open(tmp.path().join("t"), small_segments()).unwrap();
+    let mut reader = spool.reader();
+    let reservation = spool.try_reserve(100).unwrap();
+    assert!(reader.read_batch(10, MIB).unwrap().is_empty());
+    assert!(!spool.is_idle(), "the reservation holds the spool busy");
+    let flag = Arc::new(Flag(AtomicBool::new(false)));
+    let waker = Waker::from(flag.clone());
+    {
+        let mut wait = std::pin::pin!(reader.wait());
+        assert!(poll_once(wait.as_mut(), &waker).is_pending());
+        drop(reservation);
+        assert!(
+            flag.0.load(Ordering::SeqCst),
+            "giving the room back woke no one"
+        );
+        assert!(poll_once(wait.as_mut(), &waker).is_ready());
+    }
+    assert!(spool.is_idle());
+
+    // The same when the room is given back between the empty read and the
+    // wait (the worker's check of `is_idle` came before it): the wait
+    // returns at once instead of missing it.
+    let reservation = spool.try_reserve(100).unwrap();
+    assert!(reader.read_batch(10, MIB).unwrap().is_empty());
+    drop(reservation);
+    assert!(poll_once(std::pin::pin!(reader.wait()), Waker::noop()).is_ready());
+}
+
 #[test]
 fn a_waiting_reader_wakes_when_a_record_is_appended() {
     let _gate = gate();

@@ -503,8 +503,18 @@ impl Core {
     }
 
     fn release(&self, bytes: u64) {
-        let mut st = self.lock();
-        st.reserved = st.reserved.saturating_sub(bytes);
+        {
+            let mut st = self.lock();
+            st.reserved = st.reserved.saturating_sub(bytes);
+        }
+        self.wake_readers();
+    }
+
+    /// Wakes [`Reader::wait`] without new records: room reserved for a
+    /// record was given back, or appends failed, so the spool may have
+    /// become idle (its target's worker then sets the target `up`).
+    fn wake_readers(&self) {
+        self.committed.send_modify(|_| {});
     }
 
     fn segment_path(&self, base: u64) -> PathBuf {
@@ -865,6 +875,12 @@ impl Spool {
             .put(record)
     }
 
+    /// Wakes the reader's [`Reader::wait`] though nothing was appended: for
+    /// a caller whose target changed state with nothing to spool.
+    pub fn wake_readers(&self) {
+        self.core().wake_readers();
+    }
+
     /// Whether nothing is spooled, pending or reserved: [`stats`](Self::stats)
     /// without the rejected area's lock, which is held across fsyncs.
     pub fn is_idle(&self) -> bool {
@@ -940,10 +956,18 @@ impl Reader {
         self.next = self.core.lock().cursor();
     }
 
-    /// Waits until there is something past the read position.
+    /// Waits until there is something past the read position, or until
+    /// the spool may have become idle since the last read (a reservation
+    /// given back, an append failed, [`Spool::wake_readers`]): a caller
+    /// that checks [`Spool::is_idle`] after an empty read and then waits
+    /// misses neither.
     pub async fn wait(&mut self) {
-        let next = self.next;
-        let _ = self.committed.wait_for(|&end| end > next).await;
+        if *self.committed.borrow() > self.next {
+            return;
+        }
+        // Returns at once if anything was published or given back since
+        // `plan` marked the channel seen.
+        let _ = self.committed.changed().await;
     }
 
     /// Returns up to `max_records` records (and about `max_bytes`, at least
@@ -973,6 +997,9 @@ impl Reader {
         max_records: usize,
         max_bytes: u64,
     ) -> Result<Option<(Vec<Entry>, u64, Arc<File>)>, SpoolError> {
+        // Marked seen before the state is read: what changes after this
+        // wakes `wait`.
+        self.committed.borrow_and_update();
         let st = self.core.lock();
         self.next = self.next.max(st.cursor());
         let start = st.index.partition_point(|e| e.lsn < self.next);

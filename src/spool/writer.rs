@@ -607,6 +607,7 @@ fn fail_all(core: &Core, appends: impl Iterator<Item = Append>, err: &SpoolError
             st.pending_records = st.pending_records.saturating_sub(1);
         }
     }
+    core.wake_readers();
     for append in appends {
         let _ = append.into_reply().send(Err(err.duplicate()));
     }

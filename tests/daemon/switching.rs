@@ -381,17 +381,17 @@ async fn a_request_whose_body_completes_after_shutdown_is_refused_not_acknowledg
     let mut s = connect(d.running().addr).await;
     write_all(
         &mut s,
-        b"POST /late HTTP/1.1\r\nhost: forkd\r\nx-request-id: late\r\ncontent-length: 10\r\n\r\nhalf-",
+        b"POST /late HTTP/1.1\r\nhost: forkd\r\nx-request-id: late\r\ncontent-length: 10\r\nexpect: 100-continue\r\n\r\n",
     )
     .await;
-    wait_for("forkd to hold the connection", async || {
-        d.metric("forkd_client_connections", &[]).await >= 1.0
-    })
-    .await;
+    // The 100 proves forkd is reading the body.
+    let mut buf = Vec::new();
+    let head = read_head(&mut s, &mut buf).await;
+    assert_eq!(head_status(&head), 100, "{head}");
+    write_all(&mut s, b"half-").await;
     d.shutdown().await;
 
     write_all(&mut s, b"body!").await;
-    let mut buf = Vec::new();
     let head = read_head(&mut s, &mut buf).await;
     assert_eq!(head_status(&head), 503, "{head}");
     assert!(
