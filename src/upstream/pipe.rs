@@ -753,6 +753,8 @@ struct Partial {
     head: Bytes,
     framing: Framing,
     close_after: bool,
+    /// How far a chunked body is checked, so each read goes on from there.
+    chunks: ChunkScan,
 }
 
 async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
@@ -804,7 +806,7 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
                 }
                 continue;
             }
-            let Some(p) = partial.as_ref() else { break };
+            let Some(p) = partial.as_mut() else { break };
             let body = match p.framing {
                 Framing::Length(n) if n > MAX_ANSWER_BODY => {
                     discard = n;
@@ -819,7 +821,7 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
                     return oversized(shared, p, now_ms);
                 }
                 Framing::UntilEof => None,
-                Framing::Chunked => match decode_chunked(&buf) {
+                Framing::Chunked => match decode_chunked(&buf, &mut p.chunks) {
                     Err(e) => return End { first: e },
                     Ok(ChunkState::Incomplete(decoded)) if decoded > MAX_ANSWER_BODY => {
                         let Some(p) = partial.take() else { break };
@@ -828,7 +830,7 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: &Shared) -> End {
                     Ok(ChunkState::Incomplete(_)) => None,
                     Ok(ChunkState::Done { body, consumed }) => {
                         buf.advance(consumed);
-                        Some((body.len() <= MAX_ANSWER_BODY).then_some(body))
+                        Some(body)
                     }
                 },
             };
@@ -1013,6 +1015,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Partial>>, PipeError> 
         head,
         framing,
         close_after,
+        chunks: ChunkScan::default(),
     })))
 }
 
@@ -1062,58 +1065,103 @@ pub fn head_headers(head: &Bytes) -> HeaderMap {
 }
 
 enum ChunkState {
-    /// Not all there yet; the data bytes decoded so far.
+    /// Not all there yet; the data bytes received so far.
     Incomplete(usize),
     Done {
-        body: Bytes,
+        /// `None` when the data is larger than [`MAX_ANSWER_BODY`].
+        body: Option<Bytes>,
+        /// The body's length on the wire, trailers included.
         consumed: usize,
     },
 }
 
-/// Decodes a whole chunked body at the start of `buf` (trailers skipped).
-fn decode_chunked(buf: &[u8]) -> Result<ChunkState, PipeError> {
-    let mut pos = 0;
-    let mut body = BytesMut::new();
+/// Where the check of a chunked body being received stopped: the start of
+/// the first chunk not wholly received, and the data bytes before it. Each
+/// read goes on from there, so a large answer in many reads is checked in
+/// linear time; the data is copied out once, when the last chunk is in.
+#[derive(Debug, Default)]
+struct ChunkScan {
+    pos: usize,
+    decoded: usize,
+}
+
+/// The chunk whose size line starts at a position of a chunked body.
+enum Chunk {
+    /// Not wholly received; the data bytes of it that are.
+    Partial(usize),
+    Data {
+        data: std::ops::Range<usize>,
+        /// Where the next chunk starts.
+        next: usize,
+    },
+    /// The last chunk and the trailers: the body ends at `end`.
+    Last { end: usize },
+}
+
+fn chunk_at(buf: &[u8], mut pos: usize) -> Result<Chunk, PipeError> {
+    let size = match httparse::parse_chunk_size(&buf[pos..]) {
+        Ok(httparse::Status::Complete((n, size))) => {
+            pos += n;
+            usize::try_from(size)
+                .map_err(|_| PipeError::new(PipeErrorKind::Io, "chunk too large"))?
+        }
+        Ok(httparse::Status::Partial) => return Ok(Chunk::Partial(0)),
+        Err(_) => return Err(PipeError::new(PipeErrorKind::Io, "invalid chunk size")),
+    };
+    if size == 0 {
+        // Trailers, then an empty line.
+        loop {
+            let rest = &buf[pos..];
+            let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+                return Ok(Chunk::Partial(0));
+            };
+            pos += eol + 2;
+            if eol == 0 {
+                return Ok(Chunk::Last { end: pos });
+            }
+        }
+    }
+    // The size is the target's: added without overflow.
+    let have = buf.len() - pos;
+    if have < size.saturating_add(2) {
+        return Ok(Chunk::Partial(have.min(size)));
+    }
+    let data = pos..pos + size;
+    if &buf[data.end..data.end + 2] != b"\r\n" {
+        return Err(PipeError::new(PipeErrorKind::Io, "invalid chunk end"));
+    }
+    Ok(Chunk::Data {
+        next: data.end + 2,
+        data,
+    })
+}
+
+/// Decodes a chunked body at the start of `buf` (trailers skipped), going
+/// on from `scan`, where the previous call with a shorter `buf` stopped.
+fn decode_chunked(buf: &[u8], scan: &mut ChunkScan) -> Result<ChunkState, PipeError> {
     loop {
-        let size = match httparse::parse_chunk_size(&buf[pos..]) {
-            Ok(httparse::Status::Complete((n, size))) => {
-                pos += n;
-                usize::try_from(size)
-                    .map_err(|_| PipeError::new(PipeErrorKind::Io, "chunk too large"))?
+        match chunk_at(buf, scan.pos)? {
+            Chunk::Partial(have) => return Ok(ChunkState::Incomplete(scan.decoded + have)),
+            Chunk::Data { data, next } => {
+                scan.decoded += data.len();
+                scan.pos = next;
             }
-            Ok(httparse::Status::Partial) => return Ok(ChunkState::Incomplete(body.len())),
-            Err(_) => return Err(PipeError::new(PipeErrorKind::Io, "invalid chunk size")),
-        };
-        if size == 0 {
-            // Trailers, then an empty line.
-            loop {
-                let rest = &buf[pos..];
-                let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
-                    return Ok(ChunkState::Incomplete(body.len()));
-                };
-                pos += eol + 2;
-                if eol == 0 {
-                    return Ok(ChunkState::Done {
-                        body: body.freeze(),
-                        consumed: pos,
-                    });
-                }
+            Chunk::Last { end } => {
+                let body = (scan.decoded <= MAX_ANSWER_BODY).then(|| {
+                    let mut body = BytesMut::with_capacity(scan.decoded);
+                    let mut pos = 0;
+                    while let Ok(Chunk::Data { data, next }) = chunk_at(buf, pos) {
+                        body.extend_from_slice(&buf[data]);
+                        pos = next;
+                    }
+                    body.freeze()
+                });
+                return Ok(ChunkState::Done {
+                    body,
+                    consumed: end,
+                });
             }
         }
-        // The size is the target's: added without overflow.
-        if buf.len().saturating_sub(pos) < size.saturating_add(2) {
-            return Ok(ChunkState::Incomplete(
-                body.len() + (buf.len() - pos).min(size),
-            ));
-        }
-        if body.len() <= MAX_ANSWER_BODY {
-            body.extend_from_slice(&buf[pos..pos + size]);
-        }
-        pos += size;
-        if &buf[pos..pos + 2] != b"\r\n" {
-            return Err(PipeError::new(PipeErrorKind::Io, "invalid chunk end"));
-        }
-        pos += 2;
     }
 }
 
@@ -1126,15 +1174,47 @@ mod tests {
     #[test]
     fn chunked_bodies_are_decoded_and_trailers_skipped() -> TestResult {
         let raw = b"5\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\nNEXT";
-        let ChunkState::Done { body, consumed } = decode_chunked(raw)? else {
+        let ChunkState::Done {
+            body: Some(body),
+            consumed,
+        } = decode_chunked(raw, &mut ChunkScan::default())?
+        else {
             return Err("a complete chunked body was reported incomplete".into());
         };
         assert_eq!(&body[..], b"hello world");
         assert_eq!(&raw[consumed..], b"NEXT");
         assert!(matches!(
-            decode_chunked(b"5\r\nhel")?,
+            decode_chunked(b"5\r\nhel", &mut ChunkScan::default())?,
             ChunkState::Incomplete(3)
         ));
+        Ok(())
+    }
+
+    /// The body as it arrives, a byte at a time: the same answer as all at
+    /// once, and each call goes on from the last whole chunk (a large
+    /// answer in many reads is not checked from its start at every read).
+    #[test]
+    fn a_chunked_body_received_a_byte_at_a_time_decodes_as_it_does_whole() -> TestResult {
+        let raw = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-t: 1\r\n\r\nNEXT";
+        let end = raw.len() - b"NEXT".len();
+        let mut scan = ChunkScan::default();
+        for n in 0..end {
+            match decode_chunked(&raw[..n], &mut scan)? {
+                ChunkState::Incomplete(have) => assert!(have <= 11, "{n}: {have}"),
+                ChunkState::Done { .. } => return Err(format!("done at {n} of {end}").into()),
+            }
+            if n >= 10 {
+                assert!(scan.pos >= 10, "{n}: the first chunk is checked again");
+            }
+        }
+        let ChunkState::Done {
+            body: Some(body),
+            consumed,
+        } = decode_chunked(raw, &mut scan)?
+        else {
+            return Err("not done with the whole body".into());
+        };
+        assert_eq!((&body[..], consumed), (&b"hello world"[..], end));
         Ok(())
     }
 
@@ -1317,7 +1397,7 @@ mod tests {
     #[test]
     fn a_chunk_size_near_the_largest_number_is_incomplete_not_a_panic() -> TestResult {
         assert!(matches!(
-            decode_chunked(b"ffffffffffffffff\r\nxx")?,
+            decode_chunked(b"ffffffffffffffff\r\nxx", &mut ChunkScan::default())?,
             ChunkState::Incomplete(2)
         ));
         Ok(())
