@@ -78,8 +78,9 @@ pub struct TargetRuntime {
     /// change the state). Set and read under the state lock.
     forgotten: AtomicBool,
     /// A live send failed since the worker last looked: the worker backs
-    /// off before it probes, honouring the `Retry-After` it carried.
-    live_failure: Mutex<Option<Option<Duration>>>,
+    /// off before it probes, and not before the end of the `Retry-After`
+    /// it carried (the latest, when several failed).
+    live_failure: Mutex<Option<Option<Instant>>>,
     /// When the worker's pause ends, while it backs off (for `/status`).
     next_attempt: Mutex<Option<Instant>>,
     /// Set at shutdown once its bound has passed: live sends still waiting
@@ -279,12 +280,9 @@ impl TargetRuntime {
     /// `None` when the copy is dropped (`drop_newest`, spool full).
     pub fn fail_live(&self, bytes: u64, retry_after: Option<Duration>) -> Option<Reservation> {
         {
+            let until = retry_after.and_then(|a| Instant::now().checked_add(a));
             let mut slot = self.live_failure.lock().unwrap_or_else(|p| p.into_inner());
-            let after = match (*slot).flatten() {
-                Some(prev) => Some(retry_after.map_or(prev, |a| a.max(prev))),
-                None => retry_after,
-            };
-            *slot = Some(after);
+            *slot = Some((*slot).flatten().max(until));
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         self.set_state_locked(&mut state, State::Down);
@@ -520,26 +518,29 @@ impl TargetRuntime {
         let mut stop = self.stop.subscribe();
         let mut reader = Some(self.spool.reader());
         let mut failures: u32 = 0;
-        let mut retry_after: Option<Duration> = None;
+        // The end of the latest `Retry-After` not yet waited for.
+        let mut retry_until: Option<Instant> = None;
+        // The pause for a live failure was taken after the read (below).
+        let mut paused = false;
         loop {
             if *stop.borrow() {
                 return;
             }
-            let live = self
-                .live_failure
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-            if let Some(after) = live {
+            let live = self.take_live_failure();
+            if let Some(until) = live {
                 failures = failures.max(1);
-                retry_after = retry_after.max(after);
+                retry_until = retry_until.max(until);
             }
             // Back off before reading, so that what is replayed after the
             // pause is read then (records evicted meanwhile are not sent) and
             // sent under the config in force then (a token rotated by a
-            // reload during the pause is used at once).
-            if self.state() == State::Down && failures > 0 {
-                let delay = self.backoff(failures, retry_after.take());
+            // reload during the pause is used at once). After a live failure
+            // even if a replay set the target `draining` since.
+            if failures > 0 && (live.is_some() || (self.state() == State::Down && !paused)) {
+                let retry_after = retry_until
+                    .take()
+                    .map(|t| t.saturating_duration_since(Instant::now()));
+                let delay = self.backoff(failures, retry_after);
                 tracing::debug!(target = %self.name, delay_ms = delay.as_millis() as u64, "backing off");
                 if self.pause(&mut stop, delay).await {
                     return;
@@ -596,18 +597,28 @@ impl TargetRuntime {
                 }
                 continue;
             }
+            paused = false;
             // A live send failed after the check at the top of the loop (its
-            // copy may be in this batch): back off first, as the target asked.
-            if self
-                .live_failure
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_some()
-            {
-                if let Some(r) = reader.as_mut() {
-                    r.rewind();
+            // copy may be in this batch): wait what is left of its
+            // `Retry-After`, then read again (no second backoff).
+            if let Some(until) = self.take_live_failure() {
+                failures = failures.max(1);
+                let left = until.map(|t| t.saturating_duration_since(Instant::now()));
+                if let Some(left) = left.filter(|d| !d.is_zero()) {
+                    let max = self
+                        .retry
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .max_backoff;
+                    if self.pause(&mut stop, left.min(max)).await {
+                        return;
+                    }
+                    if let Some(r) = reader.as_mut() {
+                        r.rewind();
+                    }
+                    paused = true;
+                    continue;
                 }
-                continue;
             }
             let outcome = tokio::select! {
                 o = self.replay(&cfg, &batch) => o,
@@ -625,7 +636,7 @@ impl TargetRuntime {
                 }
                 Some(after) => {
                     failures = failures.saturating_add(1);
-                    retry_after = after;
+                    retry_until = after.and_then(|a| Instant::now().checked_add(a));
                     self.set_state(State::Down);
                     if let Some(r) = reader.as_mut() {
                         r.rewind();
@@ -695,6 +706,15 @@ impl TargetRuntime {
             .observe(start.elapsed().as_secs_f64());
         self.count_attempt(&attempt, &s.record);
         attempt
+    }
+
+    /// The live failure since the last look: `Some(until)`, the end of its
+    /// `Retry-After` if it carried one.
+    fn take_live_failure(&self) -> Option<Option<Instant>> {
+        self.live_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Draining → up once nothing is spooled or reserved (under the state lock).

@@ -1077,8 +1077,10 @@ enum ChunkState {
 
 /// Where the check of a chunked body being received stopped: the start of
 /// the first chunk not wholly received, and the data bytes before it. Each
-/// read goes on from there, so a large answer in many reads is checked in
-/// linear time; the data is copied out once, when the last chunk is in.
+/// read goes on from there, so the chunks of a large answer in many reads
+/// are checked once each, and the data is copied out once, when the last
+/// chunk is in. (A size line or trailers still being received are checked
+/// from their start at each read: bounded by `MAX_CHUNKED_BUFFER`.)
 #[derive(Debug, Default)]
 struct ChunkScan {
     pos: usize,
