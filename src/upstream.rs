@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
@@ -238,22 +238,27 @@ pub fn end_to_end_headers(mut headers: HeaderMap, client: Option<IpAddr>) -> Hea
     }
     if let Some(ip) = client {
         let addr = IpText::of(ip);
-        let priors = || {
-            headers
-                .get_all(&X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|p| p.to_str().ok())
-        };
-        // Exactly sized, so the value's bytes need no second allocation.
-        let len = priors().map(|p| p.len() + 2).sum::<usize>() + addr.as_bytes().len();
-        let mut value = Vec::with_capacity(len);
-        for p in priors() {
-            value.extend_from_slice(p.as_bytes());
-            value.extend_from_slice(b", ");
-        }
-        value.extend_from_slice(addr.as_bytes());
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
-            headers.insert(&X_FORWARDED_FOR, v);
+        // One lookup of the name for reading the priors and replacing them.
+        match headers.entry(&X_FORWARDED_FOR) {
+            Entry::Vacant(slot) => {
+                if let Ok(v) = HeaderValue::from_bytes(addr.as_bytes()) {
+                    slot.insert(v);
+                }
+            }
+            Entry::Occupied(mut slot) => {
+                let priors = || slot.iter().filter_map(|p| p.to_str().ok());
+                // Exactly sized, so the value's bytes need no second allocation.
+                let len = priors().map(|p| p.len() + 2).sum::<usize>() + addr.as_bytes().len();
+                let mut value = Vec::with_capacity(len);
+                for p in priors() {
+                    value.extend_from_slice(p.as_bytes());
+                    value.extend_from_slice(b", ");
+                }
+                value.extend_from_slice(addr.as_bytes());
+                if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
+                    slot.insert(v);
+                }
+            }
         }
     }
     headers
