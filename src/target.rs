@@ -200,8 +200,13 @@ impl TargetRuntime {
                 "changed buffer fsync, segment_size or rejected_max_size take effect when forkd restarts"
             );
         }
-        let changed =
-            *old != target || *self.retry.read().unwrap_or_else(|p| p.into_inner()) != retry;
+        // `spool.when_full` is resolved for the target's role: a reload that
+        // only switches the active target changes nothing the worker uses.
+        let changed = {
+            let mut same_role = target.clone();
+            same_role.spool.when_full = old.spool.when_full;
+            *old != same_role || *self.retry.read().unwrap_or_else(|p| p.into_inner()) != retry
+        };
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(target);
         *self.retry.write().unwrap_or_else(|p| p.into_inner()) = retry;
         // Wake the worker so a backoff computed under the old settings ends
@@ -280,7 +285,7 @@ impl TargetRuntime {
     /// `None` when the copy is dropped (`drop_newest`, spool full).
     pub fn fail_live(&self, bytes: u64, retry_after: Option<Duration>) -> Option<Reservation> {
         {
-            let until = retry_after.and_then(|a| Instant::now().checked_add(a));
+            let until = retry_after.and_then(deadline);
             let mut slot = self.live_failure.lock().unwrap_or_else(|p| p.into_inner());
             *slot = Some((*slot).flatten().max(until));
         }
@@ -520,7 +525,7 @@ impl TargetRuntime {
         let mut failures: u32 = 0;
         // The end of the latest `Retry-After` not yet waited for.
         let mut retry_until: Option<Instant> = None;
-        // The pause for a live failure was taken after the read (below).
+        // The last pass paused after its read, for a live failure (below).
         let mut paused = false;
         loop {
             if *stop.borrow() {
@@ -536,11 +541,10 @@ impl TargetRuntime {
             // sent under the config in force then (a token rotated by a
             // reload during the pause is used at once). After a live failure
             // even if a replay set the target `draining` since.
-            if failures > 0 && (live.is_some() || (self.state() == State::Down && !paused)) {
-                let retry_after = retry_until
-                    .take()
-                    .map(|t| t.saturating_duration_since(Instant::now()));
-                let delay = self.backoff(failures, retry_after);
+            let backed_off =
+                failures > 0 && (live.is_some() || (self.state() == State::Down && !paused));
+            if backed_off {
+                let delay = self.backoff(failures, retry_until.take().map(left_of));
                 tracing::debug!(target = %self.name, delay_ms = delay.as_millis() as u64, "backing off");
                 if self.pause(&mut stop, delay).await {
                     return;
@@ -589,7 +593,11 @@ impl TargetRuntime {
             };
             self.refresh_metrics();
             if batch.is_empty() {
-                self.maybe_up();
+                if !self.maybe_up() {
+                    // A live failure whose copy left nothing spooled: back
+                    // off for it before the target is `up` again.
+                    continue;
+                }
                 let Some(r) = reader.as_mut() else { return };
                 tokio::select! {
                     _ = r.wait() => {}
@@ -599,18 +607,20 @@ impl TargetRuntime {
             }
             paused = false;
             // A live send failed after the check at the top of the loop (its
-            // copy may be in this batch): wait what is left of its
-            // `Retry-After`, then read again (no second backoff).
+            // copy may be in this batch): a backoff if this pass had none,
+            // else what is left of its `Retry-After` (not a second backoff);
+            // then read again.
             if let Some(until) = self.take_live_failure() {
                 failures = failures.max(1);
-                let left = until.map(|t| t.saturating_duration_since(Instant::now()));
-                if let Some(left) = left.filter(|d| !d.is_zero()) {
-                    let max = self
-                        .retry
-                        .read()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .max_backoff;
-                    if self.pause(&mut stop, left.min(max)).await {
+                let left = until.map(left_of);
+                let delay = if backed_off {
+                    left.filter(|d| !d.is_zero())
+                        .map(|d| self.backoff_delay(0, Some(d), 0.0))
+                } else {
+                    Some(self.backoff(failures, left))
+                };
+                if let Some(delay) = delay {
+                    if self.pause(&mut stop, delay).await {
                         return;
                     }
                     if let Some(r) = reader.as_mut() {
@@ -636,7 +646,7 @@ impl TargetRuntime {
                 }
                 Some(after) => {
                     failures = failures.saturating_add(1);
-                    retry_until = after.and_then(|a| Instant::now().checked_add(a));
+                    retry_until = after.and_then(deadline);
                     self.set_state(State::Down);
                     if let Some(r) = reader.as_mut() {
                         r.rewind();
@@ -717,24 +727,42 @@ impl TargetRuntime {
             .take()
     }
 
-    /// Draining → up once nothing is spooled or reserved (under the state lock).
-    fn maybe_up(&self) {
+    /// Draining → up once nothing is spooled or reserved (under the state
+    /// lock). False, and the state left as it is, while a live failure is
+    /// pending (its copy dropped, or its append failed): the worker backs
+    /// off for it first. (`fail_live` records the failure before it takes
+    /// the state lock.)
+    fn maybe_up(&self) -> bool {
         let mut slot = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if *slot == State::Up {
-            return;
+            return true;
+        }
+        if self
+            .live_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            return false;
         }
         // Not `stats`: admissions wait on this lock, and `stats` may wait
         // for the rejected area's fsyncs.
         if self.spool.is_idle() {
             self.set_state_locked(&mut slot, State::Up);
         }
+        true
     }
 
     /// Capped exponential backoff with full jitter; a `Retry-After` from the
     /// target is honoured up to `max_backoff`.
     fn backoff(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
+        self.backoff_delay(failures, retry_after, crate::rand::unit())
+    }
+
+    /// [`backoff_delay`] under the `[retry]` in force.
+    fn backoff_delay(&self, failures: u32, retry_after: Option<Duration>, unit: f64) -> Duration {
         let retry = self.retry.read().unwrap_or_else(|p| p.into_inner()).clone();
-        backoff_delay(&retry, failures, retry_after, crate::rand::unit())
+        backoff_delay(&retry, failures, retry_after, unit)
     }
 
     /// Sleeps for `delay` unless stopped; true when stopped. A config change ends the pause early.
@@ -856,6 +884,16 @@ fn backoff_delay(
         Some(after) => after.min(retry.max_backoff).max(jittered),
         None => jittered,
     }
+}
+
+/// The end of a `Retry-After` of `after` from now (`None` past the clock's range).
+fn deadline(after: Duration) -> Option<Instant> {
+    Instant::now().checked_add(after)
+}
+
+/// What is left until `until`.
+fn left_of(until: Instant) -> Duration {
+    until.saturating_duration_since(Instant::now())
 }
 
 fn abandoned_attempt() -> Attempt {
@@ -1067,6 +1105,49 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        Ok(())
+    }
+
+    /// A reload ends the worker's pause only when the target's settings or
+    /// `[retry]` changed: one that leaves them, or only switches which
+    /// target is active (which resolves `when_full` for the other role),
+    /// keeps a target's `Retry-After`.
+    #[test]
+    fn only_a_reload_that_changes_the_target_or_retry_ends_the_workers_pause() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let t = idle_target(dir.path())?;
+        let load = |active: &str, timeout: &str| -> Result<Config, Box<dyn std::error::Error>> {
+            let text = format!(
+                "[routing]\nactive = {active:?}\n\
+                 [targets.primary]\nurl = \"http://127.0.0.1:9\"\ntimeout = {timeout:?}\n\
+                 [targets.backup]\nurl = \"http://127.0.0.1:9\"\n\
+                 [buffer]\ndir = {:?}\n",
+                dir.path().display().to_string()
+            );
+            Ok(Config::from_text(&text, ConfigFormat::Toml, |_| None, [])?)
+        };
+        let primary = |c: &Config| c.target("primary").cloned().ok_or("no primary");
+        let (as_active, as_passive) = (load("primary", "5s")?, load("backup", "5s")?);
+        assert_ne!(
+            primary(&as_active)?.spool.when_full,
+            primary(&as_passive)?.spool.when_full
+        );
+        t.reconfigure(primary(&as_active)?, as_active.raw.retry.clone());
+        let mut woken = t.stop.subscribe();
+        t.reconfigure(primary(&as_active)?, as_active.raw.retry.clone());
+        t.reconfigure(primary(&as_passive)?, as_passive.raw.retry.clone());
+        assert!(
+            !woken.has_changed()?,
+            "a reload that changed nothing ended the pause"
+        );
+        let slower = load("backup", "7s")?;
+        t.reconfigure(primary(&slower)?, slower.raw.retry.clone());
+        assert!(woken.has_changed()?, "a changed target kept its pause");
+        let mut retry = slower.raw.retry.clone();
+        retry.max_backoff += Duration::from_secs(1);
+        woken.borrow_and_update();
+        t.reconfigure(primary(&slower)?, retry);
+        assert!(woken.has_changed()?, "a changed [retry] kept the pause");
         Ok(())
     }
 
