@@ -294,22 +294,27 @@ impl Fork {
             return too_large(max_body);
         }
         let deadline = started_deadline(started, server.request_timeout);
-        let (parts, body) = req.into_parts();
-        let (body, budget) = match self.read_body(body, declared, max_body, deadline).await {
-            Ok(v) => v,
-            Err(resp) => return resp,
-        };
-        self.metrics.request_bytes.inc_by(body.len() as u64);
-        let Some(path_and_query) = parts.uri.into_parts().path_and_query else {
-            return plain(StatusCode::BAD_REQUEST, "request has no path\n");
-        };
-        let record = Record {
-            accepted_at: truncate_to_millis(accepted),
-            request_id,
-            method,
-            path_and_query,
-            headers: upstream::end_to_end_headers(parts.headers, client),
-            body,
+        // In a block: its locals take no room in the future while the
+        // copies run (the future is moved a few times before it is polled).
+        let (record, budget) = {
+            let (parts, body) = req.into_parts();
+            let (body, budget) = match self.read_body(body, declared, max_body, deadline).await {
+                Ok(v) => v,
+                Err(resp) => return resp,
+            };
+            self.metrics.request_bytes.inc_by(body.len() as u64);
+            let Some(path_and_query) = parts.uri.into_parts().path_and_query else {
+                return plain(StatusCode::BAD_REQUEST, "request has no path\n");
+            };
+            let record = Record {
+                accepted_at: truncate_to_millis(accepted),
+                request_id,
+                method,
+                path_and_query,
+                headers: upstream::end_to_end_headers(parts.headers, client),
+                body,
+            };
+            (record, budget)
         };
         self.fork(record, routing, budget).await
     }
@@ -429,7 +434,9 @@ impl Fork {
                 Admission::Full => return refused(t, &record),
                 a => a,
             };
-            let outcome = copy(t, Arc::new(record), admission, Instant::now()).await;
+            // Boxed: inline, the copy's future (490 bytes) would grow every
+            // request's future, which is moved a few times before it runs.
+            let outcome = Box::pin(copy(t, Arc::new(record), admission, Instant::now())).await;
             return self.answer(cfg, selected, active, [outcome]);
         }
         let record = Arc::new(record);
