@@ -599,8 +599,8 @@ pub async fn start_on(
             limits.clone(),
             tls.clone(),
             move |req, from: server::RequestInfo| {
-                let fork = fork.clone();
-                async move { fork.handle(req, Some(from.remote.ip()), from.started).await }
+                fork.clone()
+                    .handle(req, Some(from.remote.ip()), from.started)
             },
             Some(gauge),
             wait_true(stop_rx),

@@ -16,6 +16,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -206,7 +207,16 @@ impl Fork {
     ///
     /// `started`: when the request's first byte arrived; `request_timeout`
     /// counts from it (the whole request, headers and body).
-    pub async fn handle<B>(&self, req: Request<B>, client: Option<IpAddr>, started: Instant) -> Resp
+    ///
+    /// Not an `async fn`: the request goes into [`Fork::route`]'s future
+    /// only, not into this one's as well (every request's future is moved a
+    /// few times before it runs; docs/performance.md item 29).
+    pub fn handle<B>(
+        self: Arc<Self>,
+        req: Request<B>,
+        client: Option<IpAddr>,
+        started: Instant,
+    ) -> impl Future<Output = Resp>
     where
         B: hyper::body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
@@ -218,26 +228,29 @@ impl Fork {
         // info span formatted its fields on every request. Events logged
         // during a request name its request id themselves.
         let span = tracing::debug_span!("request", id = %request_id, method = %req.method(), path = %req.uri().path());
-        let mut resp = self
-            .route(req, client, &routing, request_id, (started, accepted))
+        // `map`, not an `async` block: awaiting a captured future keeps a
+        // second copy of it in the block's state.
+        Arc::clone(&self)
+            .route(req, client, routing, request_id, (started, accepted))
             .instrument(span.clone())
-            .await;
-        if let Some(v) = id_header {
-            resp.headers_mut().insert(&X_REQUEST_ID, v);
-        }
-        self.metrics.count_response(resp.status());
-        self.metrics
-            .request_duration
-            .observe(started.elapsed().as_secs_f64());
-        tracing::debug!(parent: &span, status = resp.status().as_u16(), "answered");
-        resp
+            .map(move |mut resp| {
+                if let Some(v) = id_header {
+                    resp.headers_mut().insert(&X_REQUEST_ID, v);
+                }
+                self.metrics.count_response(resp.status());
+                self.metrics
+                    .request_duration
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::debug!(parent: &span, status = resp.status().as_u16(), "answered");
+                resp
+            })
     }
 
     async fn route<B>(
-        &self,
+        self: Arc<Self>,
         req: Request<B>,
         client: Option<IpAddr>,
-        routing: &Arc<Routing>,
+        routing: Arc<Routing>,
         request_id: String,
         (started, accepted): (Instant, SystemTime),
     ) -> Resp
@@ -259,7 +272,7 @@ impl Fork {
         let method = req.method().clone();
         if method == Method::GET || method == Method::HEAD {
             // Boxed: the pass-through's future is large and the path rare.
-            return Box::pin(self.pass_through(req, client, routing, &request_id)).await;
+            return Box::pin(self.pass_through(req, client, &routing, &request_id)).await;
         }
         if !cfg.methods.contains(&method) {
             let mut allow: Vec<&str> = cfg.methods.iter().map(Method::as_str).collect();
@@ -316,7 +329,7 @@ impl Fork {
             };
             (record, budget)
         };
-        self.fork(record, routing, budget).await
+        self.fork(record, &routing, budget).await
     }
 
     /// Reads the whole body within the budget, the size limit and the deadline.

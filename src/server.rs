@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::FutureExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -148,14 +149,14 @@ pub async fn serve<H, F, RB>(
         let service = {
             let activity = activity.clone();
             service_fn(move |req: Request<Incoming>| {
-                let handler = handler.clone();
                 let in_service = InService::enter(activity.clone());
                 let started = activity.take_head_started().unwrap_or_else(Instant::now);
-                async move {
-                    let resp = handler(req, RequestInfo { remote, started }).await;
+                // Made here and finished with `map`: an `async` block would
+                // hold the request, or the handler's future, a second time.
+                handler(req, RequestInfo { remote, started }).map(move |resp| {
                     drop(in_service);
                     Ok::<_, Infallible>(resp)
-                }
+                })
             })
         };
         let builder = builder.clone();
