@@ -210,7 +210,7 @@ impl Fork {
     ///
     /// Not an `async fn`: the request goes into [`Fork::route`]'s future
     /// only, not into this one's as well (every request's future is moved a
-    /// few times before it runs; docs/performance.md item 29).
+    /// few times before it runs; docs/performance.md items 29–30).
     pub fn handle<B>(
         self: Arc<Self>,
         req: Request<B>,
