@@ -615,7 +615,7 @@ impl TargetRuntime {
                 let left = until.map(left_of);
                 let delay = if backed_off {
                     left.filter(|d| !d.is_zero())
-                        .map(|d| self.backoff_delay(0, Some(d), 0.0))
+                        .map(|d| self.retry_after_left(d))
                 } else {
                     Some(self.backoff(failures, left))
                 };
@@ -757,6 +757,12 @@ impl TargetRuntime {
     /// target is honoured up to `max_backoff`.
     fn backoff(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
         self.backoff_delay(failures, retry_after, crate::rand::unit())
+    }
+
+    /// What is `left` of a `Retry-After`, up to `max_backoff`, with no
+    /// backoff of its own.
+    fn retry_after_left(&self, left: Duration) -> Duration {
+        self.backoff_delay(0, Some(left), 0.0)
     }
 
     /// [`backoff_delay`] under the `[retry]` in force.

@@ -1075,16 +1075,19 @@ enum ChunkState {
     },
 }
 
-/// Where the check of a chunked body being received stopped: the start of
-/// the first chunk not wholly received, and the data bytes before it. Each
-/// read goes on from there, so the chunks of a large answer in many reads
-/// are checked once each, and the data is copied out once, when the last
-/// chunk is in. (A size line or trailers still being received are checked
-/// from their start at each read: bounded by `MAX_CHUNKED_BUFFER`.)
+/// Where the decoding of a chunked body being received stopped: the start
+/// of the first chunk not wholly received, and the data before it. Each
+/// read goes on from there, so each chunk of a large answer in many reads
+/// is checked and copied once. (A size line or trailers still being
+/// received are checked from their start at each read: bounded by
+/// `MAX_CHUNKED_BUFFER`.)
 #[derive(Debug, Default)]
 struct ChunkScan {
     pos: usize,
+    /// Data bytes before `pos`.
     decoded: usize,
+    /// That data, while it is within [`MAX_ANSWER_BODY`].
+    data: BytesMut,
 }
 
 /// The chunk whose size line starts at a position of a chunked body.
@@ -1146,18 +1149,14 @@ fn decode_chunked(buf: &[u8], scan: &mut ChunkScan) -> Result<ChunkState, PipeEr
             Chunk::Partial(have) => return Ok(ChunkState::Incomplete(scan.decoded + have)),
             Chunk::Data { data, next } => {
                 scan.decoded += data.len();
+                if scan.decoded <= MAX_ANSWER_BODY {
+                    scan.data.extend_from_slice(&buf[data]);
+                }
                 scan.pos = next;
             }
             Chunk::Last { end } => {
-                let body = (scan.decoded <= MAX_ANSWER_BODY).then(|| {
-                    let mut body = BytesMut::with_capacity(scan.decoded);
-                    let mut pos = 0;
-                    while let Ok(Chunk::Data { data, next }) = chunk_at(buf, pos) {
-                        body.extend_from_slice(&buf[data]);
-                        pos = next;
-                    }
-                    body.freeze()
-                });
+                let body = (scan.decoded <= MAX_ANSWER_BODY)
+                    .then(|| std::mem::take(&mut scan.data).freeze());
                 return Ok(ChunkState::Done {
                     body,
                     consumed: end,

@@ -89,50 +89,49 @@ async fn a_down_target_gets_no_connection_for_new_requests_while_it_honours_retr
         .target("primary", &primary.url())
         .retry("max_backoff = \"60s\"");
     let d = Daemon::start(&conf).await;
+    let pausing = async || {
+        d.target_status("primary").await["next_attempt_in_seconds"]
+            .as_u64()
+            .is_some_and(|s| s >= 20)
+    };
+    // Requests `seqs` are spooled, and the target sees nothing new.
+    let spooled_untouched = async |seqs: std::ops::Range<usize>, why: &str| {
+        for i in seqs {
+            assert_eq!(d.post("/r", seq(i)).await.status, 202);
+        }
+        assert_eq!(primary.received().len(), 1, "{why}");
+    };
 
     assert_eq!(d.post("/r", seq(0)).await.status, 202);
     d.wait_state("primary", "down").await;
     // The worker's first probe waits for the Retry-After too: /status shows
     // its pause, and the target has seen nothing but the live send.
-    wait_for("the worker to back off for the Retry-After", async || {
-        d.target_status("primary").await["next_attempt_in_seconds"]
-            .as_u64()
-            .is_some_and(|s| s >= 20)
-    })
-    .await;
+    wait_for("the worker to back off for the Retry-After", pausing).await;
     assert_eq!(
         primary.received().len(),
         1,
         "the worker probed before the target's Retry-After passed"
     );
 
-    for i in 1..5 {
-        assert_eq!(d.post("/r", seq(i)).await.status, 202);
-    }
-    assert_eq!(
-        primary.received().len(),
-        1,
-        "a down target was contacted before its Retry-After passed"
-    );
+    spooled_untouched(
+        1..5,
+        "a down target was contacted before its Retry-After passed",
+    )
+    .await;
     assert_eq!(d.target_result("primary", "spooled").await, 5.0);
     assert_eq!(d.target_status("primary").await["buffer_records"], 5);
 
     // A reload that leaves the target as it was keeps the pause.
     d.reload(&conf).await.unwrap();
     assert!(
-        d.target_status("primary").await["next_attempt_in_seconds"]
-            .as_u64()
-            .is_some_and(|s| s >= 20),
+        pausing().await,
         "a reload that changed nothing cut the Retry-After short"
     );
-    for i in 5..7 {
-        assert_eq!(d.post("/r", seq(i)).await.status, 202);
-    }
-    assert_eq!(
-        primary.received().len(),
-        1,
-        "a down target was contacted after a reload that changed nothing"
-    );
+    spooled_untouched(
+        5..7,
+        "a down target was contacted after a reload that changed nothing",
+    )
+    .await;
 
     // A change to the target ends the pause early (documented in
     // target.rs): the target now answers 200 and the backlog goes out in
