@@ -81,9 +81,11 @@
 //! torn tail (an incomplete frame or zero fill at the end of the last segment)
 //! is truncated: under `fsync = "always"` it was never acknowledged and is not
 //! counted; under the other modes it may have been (a power loss within the
-//! sync interval), so one record is counted in `dropped_corrupt`; a damaged record anywhere is skipped and counted; a segment
-//! that cannot be read or has a bad header is skipped with a warning; temp
-//! files are removed; segments wholly behind the cursor are deleted.
+//! sync interval), so one record is counted in `dropped_corrupt`. A damaged
+//! record anywhere is skipped and counted; a segment that cannot be read or
+//! has a bad header is skipped with a warning; temp files are removed;
+//! segments wholly behind the cursor are deleted. Frames whose `fdatasync`
+//! failed are not there to be found: the writer cut them off (`writer`).
 //!
 //! # Bounds and admission
 //!
@@ -361,6 +363,18 @@ struct Core {
     /// Committed end position, for readers waiting for data.
     committed: watch::Sender<u64>,
     rejected: Mutex<rejected::RejectedStore>,
+    /// Tests: how many of the next segment `fdatasync`s fail.
+    #[cfg(test)]
+    fail_syncs: std::sync::atomic::AtomicU32,
+}
+
+/// Where a failed sync left frames that must never be read back: every
+/// frame from log position `from` on that was written in writer epoch
+/// `epoch` (the writer starts a new epoch when it has cut the log back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cut {
+    epoch: u64,
+    from: u64,
 }
 
 struct State {
@@ -386,6 +400,9 @@ struct State {
     /// after it and clear it; records written before it (a pipelined sync
     /// finishing late) do not.
     write_error: Option<(u64, String)>,
+    /// The last failed sync, until the writer has cut the log back (and
+    /// after, for the syncer to fail the jobs of that epoch still queued).
+    cut: Option<Cut>,
     nudged: bool,
     closed: bool,
 }
@@ -407,6 +424,7 @@ impl State {
             dropped_newest: 0,
             dropped_corrupt: 0,
             write_error: None,
+            cut: None,
             nudged: false,
             closed: false,
         }
@@ -484,6 +502,23 @@ impl Core {
 
     fn add_segment(&self, base: u64) {
         self.lock().segments.insert(base, 0);
+    }
+
+    /// `fdatasync` of a segment file.
+    fn sync_segment(&self, file: &File) -> io::Result<()> {
+        #[cfg(test)]
+        if self
+            .fail_syncs
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+        {
+            return Err(io::Error::other("injected fdatasync failure"));
+        }
+        file.sync_data()
     }
 
     fn has_write_error(&self) -> bool {
@@ -635,6 +670,16 @@ impl Spool {
     ///
     /// Fails with [`SpoolError::Locked`] if another process has it open.
     pub fn open(dir: impl AsRef<Path>, opts: SpoolOptions) -> Result<Spool, SpoolError> {
+        Spool::open_with(dir, opts, writer::pipelining_pays())
+    }
+
+    /// [`Spool::open`], with a syncer thread under `fsync = "always"` only
+    /// if `pipelined`.
+    fn open_with(
+        dir: impl AsRef<Path>,
+        opts: SpoolOptions,
+        pipelined: bool,
+    ) -> Result<Spool, SpoolError> {
         let dir = dir.as_ref().to_path_buf();
         fsutil::create_dir(&dir)?;
         let lock = DirLock::acquire(&dir)?;
@@ -649,6 +694,8 @@ impl Spool {
             state: Mutex::new(recovered.state),
             committed,
             rejected: Mutex::new(rejected),
+            #[cfg(test)]
+            fail_syncs: std::sync::atomic::AtomicU32::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -661,6 +708,9 @@ impl Spool {
             probe_at: None,
             failed_len: 0,
             syncer: None,
+            pipelined,
+            wake: Some(tx.clone()),
+            epoch: 0,
             unsynced_sealed: Vec::new(),
         };
         let thread = std::thread::Builder::new()
@@ -1262,6 +1312,143 @@ fn recover(dir: &Path, opts: &SpoolOptions) -> Result<Recovered, SpoolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn record(id: usize, body_len: usize) -> Record {
+        Record {
+            accepted_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + id as u64),
+            request_id: format!("req-{id}"),
+            method: http::Method::POST,
+            path_and_query: http::uri::PathAndQuery::from_static("/v1/logs"),
+            headers: http::HeaderMap::new(),
+            body: Bytes::from(vec![b'a' + (id % 26) as u8; body_len]),
+        }
+    }
+
+    fn append(spool: &Spool, id: usize, body_len: usize) -> Result<u64, SpoolError> {
+        let r = record(id, body_len);
+        let reservation = spool.reserve_overcommit(r.encoded_len());
+        spool.append_blocking(reservation, r)
+    }
+
+    /// The request ids of every record from the cursor on, in log order.
+    fn ids(spool: &Spool) -> Result<Vec<String>, SpoolError> {
+        let mut reader = spool.reader();
+        let mut out = Vec::new();
+        loop {
+            let batch = reader.read_batch(64, 1 << 20)?;
+            if batch.is_empty() {
+                return Ok(out);
+            }
+            out.extend(batch.into_iter().map(|s| s.record.request_id));
+        }
+    }
+
+    #[test]
+    fn a_record_whose_sync_failed_is_not_read_back_after_a_crash() -> TestResult {
+        for pipelined in [false, true] {
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join("t");
+            let spool = Spool::open_with(&path, SpoolOptions::default(), pipelined)?;
+            append(&spool, 1, 3000)?;
+            spool.core().fail_syncs.store(1, Ordering::Release);
+            assert!(
+                append(&spool, 2, 3000).is_err(),
+                "an append whose sync failed succeeded"
+            );
+            // The failed frame is cut off without waiting for another append.
+            let segment = path.join(scan::segment_name(0));
+            let cut_len = SEGMENT_HEADER_LEN + record(1, 3000).encoded_len();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while fs::metadata(&segment)?.len() != cut_len {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the failed frame is still in the segment (pipelined: {pipelined})"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            append(&spool, 3, 3000)?;
+            let expected = ["req-1", "req-3"];
+            assert_eq!(ids(&spool)?, expected, "pipelined: {pipelined}");
+            spool.abandon();
+            let spool = Spool::open(&path, SpoolOptions::default())?;
+            assert_eq!(
+                ids(&spool)?,
+                expected,
+                "after a crash (pipelined: {pipelined}): a record whose caller got an error came back"
+            );
+            assert_eq!(spool.stats().dropped_corrupt, 0);
+            spool.close();
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn records_acknowledged_around_failed_syncs_across_segments_are_exactly_those_read_back()
+    -> TestResult {
+        // Four writers append as fast as they are answered into 16 KiB
+        // segments (about five records each), so groups are pipelined into
+        // the syncer and rolls fall between a group and its sync; three
+        // syncs fail along the way. Whatever was acknowledged is read back,
+        // once and in log order, and nothing that failed is, both live and
+        // after a crash.
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("t");
+        let opts = SpoolOptions {
+            segment_size: 16 << 10,
+            ..SpoolOptions::default()
+        };
+        let spool = Spool::open_with(&path, opts.clone(), true)?;
+        let done = AtomicUsize::new(0);
+        let (acked, failed) = std::thread::scope(|scope| {
+            let writers: Vec<_> = (0..4)
+                .map(|w| {
+                    let (spool, done) = (&spool, &done);
+                    scope.spawn(move || {
+                        let mut acked = Vec::new();
+                        let mut failed = 0;
+                        for i in 0..150 {
+                            let id = w * 1000 + i;
+                            match append(spool, id, 2500 + 37 * (id % 13)) {
+                                Ok(lsn) => acked.push((lsn, format!("req-{id}"))),
+                                Err(_) => failed += 1,
+                            }
+                            done.fetch_add(1, Ordering::AcqRel);
+                        }
+                        (acked, failed)
+                    })
+                })
+                .collect();
+            for at in [100, 250, 400] {
+                while done.load(Ordering::Acquire) < at {
+                    std::thread::yield_now();
+                }
+                spool.core().fail_syncs.fetch_add(1, Ordering::AcqRel);
+            }
+            let mut acked = Vec::new();
+            let mut failed = 0;
+            for w in writers {
+                let (a, f) = w.join().unwrap_or_default();
+                acked.extend(a);
+                failed += f;
+            }
+            (acked, failed)
+        });
+        assert!(failed > 0, "no sync failed");
+        assert_eq!(acked.len() + failed, 600, "a writer stopped early");
+        let mut acked = acked;
+        acked.sort();
+        let expected: Vec<String> = acked.into_iter().map(|(_, id)| id).collect();
+        assert_eq!(ids(&spool)?, expected, "live");
+        spool.abandon();
+        let spool = Spool::open(&path, opts)?;
+        assert_eq!(ids(&spool)?, expected, "after a crash");
+        assert_eq!(spool.stats().dropped_corrupt, 0);
+        spool.close();
+        Ok(())
+    }
 
     #[test]
     fn a_segment_is_deleted_only_once_the_cursor_is_past_where_it_was_sealed() {

@@ -20,6 +20,12 @@
 //! 25 % more spooled requests per second without the syncer on one core).
 //! Under the other policies the writer publishes and completes right after the
 //! write.
+//!
+//! A failed sync fails its groups and every group written after them in the
+//! same epoch, and the writer cuts the log back to the first failed frame
+//! (deleting later segments, truncating that one) before it writes again,
+//! so that recovery, which reads every frame on disk, never brings back a
+//! request whose caller was told it failed (`docs/spool-format.md`).
 
 use std::fs::{self, File};
 use std::io::{self, IoSlice, Seek, SeekFrom, Write};
@@ -34,7 +40,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::format::{Record, SEGMENT_HEADER_LEN, SegmentHeader};
-use super::{Core, Entry, FsyncPolicy, SpoolError, cursor, fsutil, scan};
+use super::{Core, Cut, Entry, FsyncPolicy, SpoolError, cursor, fsutil, scan};
 
 /// Most records taken into one batch.
 const MAX_BATCH_RECORDS: usize = 4096;
@@ -107,6 +113,13 @@ pub(super) struct Writer {
     pub failed_len: u64,
     /// The syncer thread (`fsync = "always"` only).
     pub syncer: Option<Syncer>,
+    /// Whether to start the syncer (see [`pipelining_pays`]).
+    pub pipelined: bool,
+    /// A sender of this writer's commands, for the syncer.
+    pub wake: Option<mpsc::Sender<Cmd>>,
+    /// Incremented each time the log is cut back after a failed sync: the
+    /// groups written before the cut are told apart from those after it.
+    pub epoch: u64,
     /// Bases of the segments sealed and never synced (`fsync = "never"`),
     /// less those deleted since: a clean close syncs them.
     pub unsynced_sealed: Vec<u64>,
@@ -114,7 +127,7 @@ pub(super) struct Writer {
 
 /// Whether a separate syncer thread is worth its hand-off: only when the
 /// process may run on more than one CPU (affinity and cgroup quota count).
-fn pipelining_pays() -> bool {
+pub(super) fn pipelining_pays() -> bool {
     std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
 }
 
@@ -188,6 +201,8 @@ impl Gather {
 /// A written group waiting for its `fdatasync`.
 pub(super) struct SyncJob {
     file: Arc<File>,
+    /// The writer's epoch when the group was written.
+    epoch: u64,
     base: u64,
     /// Segment data length after this group.
     seg_len: u64,
@@ -201,12 +216,13 @@ pub(super) struct Syncer {
 }
 
 impl Syncer {
-    /// Starts the syncer; `None` if the thread cannot be started (the writer then syncs inline).
-    pub fn start(core: Arc<Core>) -> Option<Syncer> {
+    /// Starts the syncer; `None` if the thread cannot be started (the writer
+    /// then syncs inline). `writer` wakes the writer after a failed sync.
+    pub fn start(core: Arc<Core>, writer: mpsc::Sender<Cmd>) -> Option<Syncer> {
         let (tx, rx) = mpsc::channel::<SyncJob>();
         let thread = std::thread::Builder::new()
             .name("forkd-spool-sync".into())
-            .spawn(move || sync_loop(&core, &rx))
+            .spawn(move || sync_loop(&core, &rx, &writer))
             .ok()?;
         Some(Syncer {
             tx: Some(tx),
@@ -233,19 +249,44 @@ impl Syncer {
     }
 }
 
-fn sync_loop(core: &Core, rx: &Receiver<SyncJob>) {
+fn sync_loop(core: &Core, rx: &Receiver<SyncJob>, writer: &mpsc::Sender<Cmd>) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while let Ok(job) = rx.try_recv() {
             jobs.push(job);
         }
-        sync_and_complete(core, jobs);
+        if sync_and_complete(core, jobs) {
+            // The writer cuts the log back now, not at its next append: a
+            // crash before that would read the failed groups back.
+            let _ = writer.send(Cmd::Nudge);
+        }
     }
 }
 
 /// One `fdatasync` per segment file touched by `jobs`, then publication and
-/// completion in log order; on failure every caller of `jobs` gets the error.
-fn sync_and_complete(core: &Core, jobs: Vec<SyncJob>) {
+/// completion in log order; on failure every caller of `jobs` gets the error,
+/// and the log from their first frame on is to be cut back (a [`Cut`]).
+///
+/// Their frames are in the segment, and a restart would read them back:
+/// the target would get requests whose clients were told they failed. So
+/// the groups written after them in the same epoch fail too, unsynced, and
+/// the writer truncates the log where the first failed group starts before
+/// it writes anything more ([`Writer::cut_back_if_due`]).
+///
+/// Returns true when a sync failed.
+fn sync_and_complete(core: &Core, jobs: Vec<SyncJob>) -> bool {
+    let cut = core.lock().cut;
+    let (doomed, jobs): (Vec<SyncJob>, Vec<SyncJob>) = jobs
+        .into_iter()
+        .partition(|j| cut.is_some_and(|c| c.epoch == j.epoch && j.base + j.seg_len > c.from));
+    for job in doomed {
+        let err = SpoolError::io(
+            "sync",
+            &core.segment_path(job.base),
+            io::Error::other("written after a failed sync; cut off the log"),
+        );
+        fail_all(core, job.group.into_iter().map(|(a, _)| a), &err);
+    }
     let mut synced: Vec<u64> = Vec::with_capacity(1);
     let mut failure = None;
     for job in &jobs {
@@ -253,7 +294,7 @@ fn sync_and_complete(core: &Core, jobs: Vec<SyncJob>) {
             continue;
         }
         synced.push(job.base);
-        if let Err(e) = job.file.sync_data() {
+        if let Err(e) = core.sync_segment(&job.file) {
             failure = Some(SpoolError::io("sync", &core.segment_path(job.base), e));
             break;
         }
@@ -263,14 +304,24 @@ fn sync_and_complete(core: &Core, jobs: Vec<SyncJob>) {
             for job in jobs {
                 complete(core, job.base, job.seg_len, job.group);
             }
+            false
         }
         Some(err) => {
             let at = jobs.iter().map(|j| j.base + j.seg_len).max().unwrap_or(0);
+            // Groups are never empty; each starts at its first record.
+            let first = jobs
+                .iter()
+                .filter_map(|j| j.group.first().map(|(_, lsn)| (*lsn, j.epoch)))
+                .min();
+            if let Some((from, epoch)) = first {
+                core.lock().cut = Some(Cut { epoch, from });
+            }
             core.write_failed(at, err.to_string());
             tracing::warn!(dir = %core.dir.display(), error = %err, "spool sync failed");
             for job in jobs {
                 fail_all(core, job.group.into_iter().map(|(a, _)| a), &err);
             }
+            true
         }
     }
 }
@@ -290,9 +341,15 @@ fn complete(core: &Core, base: u64, seg_len: u64, group: Vec<(Append, u64)>) {
 
 impl Writer {
     pub fn run(mut self, rx: Receiver<Cmd>) {
-        if self.core.opts.fsync == FsyncPolicy::Always && pipelining_pays() {
-            self.syncer = Syncer::start(self.core.clone());
+        if self.core.opts.fsync == FsyncPolicy::Always
+            && self.pipelined
+            && let Some(wake) = self.wake.take()
+        {
+            self.syncer = Syncer::start(self.core.clone(), wake);
         }
+        // Only the syncer keeps a sender of its own (every handle sends
+        // `Shutdown` or `Abort` when it goes, so `recv` need not fail).
+        self.wake = None;
         loop {
             let cmd = match self.next_deadline() {
                 None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -367,6 +424,16 @@ impl Writer {
     }
 
     fn write_batch(&mut self, batch: Vec<Append>) {
+        if let Err(e) = self.cut_back_if_due() {
+            // Written after the frames a failed sync left, these could not
+            // be told apart from them at the next open: not written at all.
+            self.failed_len = batch.iter().map(|a| a.len).sum();
+            self.core
+                .write_failed(self.active.base + self.active.len, e.to_string());
+            tracing::warn!(dir = %self.core.dir.display(), error = %e, "spool cannot cut back a failed sync");
+            fail_all(&self.core, batch.into_iter(), &e);
+            return;
+        }
         let mut group: Vec<(Append, u64)> = Vec::with_capacity(batch.len());
         self.gather.clear();
         let mut rest = batch.into_iter();
@@ -427,6 +494,7 @@ impl Writer {
         if self.core.opts.fsync == FsyncPolicy::Always {
             let job = SyncJob {
                 file: self.active.file.clone(),
+                epoch: self.epoch,
                 base: self.active.base,
                 seg_len: self.active.len,
                 group,
@@ -436,6 +504,7 @@ impl Writer {
                 None => Err(job),
             };
             if let Err(job) = unsent {
+                // A failure is cut back at this batch's housekeeping.
                 sync_and_complete(&self.core, vec![job]);
             }
             return Ok(());
@@ -480,8 +549,93 @@ impl Writer {
         Ok(())
     }
 
-    /// Periodic duties: interval fsync, cursor persistence, segment deletion.
+    /// After a failed sync ([`sync_and_complete`]): truncates the log at the
+    /// first frame of the failed groups, so that no frame whose caller got
+    /// an error is read back at the next open, and starts a new epoch.
+    fn cut_back_if_due(&mut self) -> Result<(), SpoolError> {
+        let due = self.core.lock().cut.filter(|c| c.epoch == self.epoch);
+        if let Some(cut) = due {
+            self.cut_back(cut.from)?;
+            self.epoch += 1;
+            tracing::info!(dir = %self.core.dir.display(), at = cut.from, "spool cut back to before the groups whose sync failed");
+        }
+        Ok(())
+    }
+
+    /// Makes `from` the end of the log. Nothing at or after it was published
+    /// (every group ending past it failed), so no reader or caller loses
+    /// anything: the segments after the one holding `from` are deleted, then
+    /// that one is truncated at `from` and appended to again.
+    fn cut_back(&mut self, from: u64) -> Result<(), SpoolError> {
+        let bases: Vec<u64> = self.core.lock().segments.keys().copied().collect();
+        // Never below the cursor, so the segment holding `from` is still there.
+        let keep = bases
+            .iter()
+            .copied()
+            .filter(|&b| b <= from)
+            .max()
+            .unwrap_or(self.active.base);
+        let later: Vec<u64> = bases.into_iter().filter(|&b| b > keep).collect();
+        for base in &later {
+            let path = self.segment_path(*base);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(SpoolError::io("remove", &path, e)),
+            }
+            self.core.lock().segments.remove(base);
+        }
+        self.unsynced_sealed.retain(|base| !later.contains(base));
+        if !later.is_empty() {
+            fsutil::sync_dir(&self.core.dir)
+                .map_err(|e| SpoolError::io("sync", &self.core.dir, e))?;
+        }
+        let path = self.segment_path(keep);
+        let file = if keep == self.active.base {
+            self.active.file.clone()
+        } else {
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| SpoolError::io("open", &path, e))?;
+            Arc::new(file)
+        };
+        let Some(len) = from.checked_sub(keep) else {
+            return Err(SpoolError::io(
+                "cut back",
+                &path,
+                io::Error::other(format!("position {from} is before the segment")),
+            ));
+        };
+        file.set_len(SEGMENT_HEADER_LEN + len)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| SpoolError::io("cut back", &path, e))?;
+        {
+            let mut st = self.core.lock();
+            if let Some(published) = st.segments.get_mut(&keep) {
+                *published = (*published).min(len);
+            }
+            // The next group published clears the error: it is written after it.
+            if let Some((at, _)) = st.write_error.as_mut() {
+                *at = (*at).min(from);
+            }
+        }
+        self.active = Active {
+            base: keep,
+            file,
+            len,
+        };
+        self.pos = None;
+        Ok(())
+    }
+
+    /// Periodic duties: cutting back a failed sync, interval fsync, cursor
+    /// persistence, segment deletion.
     fn housekeeping(&mut self, force: bool) {
+        if let Err(e) = self.cut_back_if_due() {
+            tracing::warn!(dir = %self.core.dir.display(), error = %e, "spool cannot cut back a failed sync");
+        }
         if let (FsyncPolicy::Interval(every), Some(since)) =
             (self.core.opts.fsync, self.unsynced_since)
             && (force || since.elapsed() >= every)
@@ -561,6 +715,9 @@ impl Writer {
     fn shutdown(&mut self) {
         if let Some(syncer) = &mut self.syncer {
             syncer.finish();
+        }
+        if let Err(e) = self.cut_back_if_due() {
+            tracing::warn!(dir = %self.core.dir.display(), error = %e, "spool cannot cut back a failed sync");
         }
         // Every policy syncs at a clean close: under `never`, the segments
         // sealed since the spool opened too (those still there once the
