@@ -85,7 +85,9 @@
 //! record anywhere is skipped and counted; a segment that cannot be read or
 //! has a bad header is skipped with a warning; temp files are removed;
 //! segments wholly behind the cursor are deleted. Frames whose `fdatasync`
-//! failed are not there to be found: the writer cut them off (`writer`).
+//! failed are not there to be found: the writer cut them off before their
+//! callers got the error (`writer`), unless the cut failed and the process
+//! stopped before a retry succeeded.
 //!
 //! # Bounds and admission
 //!
@@ -366,6 +368,18 @@ struct Core {
     /// Tests: how many of the next segment `fdatasync`s fail.
     #[cfg(test)]
     fail_syncs: std::sync::atomic::AtomicU32,
+    /// Tests: how many of the next cuts after a failed sync fail.
+    #[cfg(test)]
+    fail_cuts: std::sync::atomic::AtomicU32,
+}
+
+/// Tests: takes one from `counter` if it is not zero (an injected failure).
+#[cfg(test)]
+fn injected(counter: &std::sync::atomic::AtomicU32) -> bool {
+    use std::sync::atomic::Ordering;
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 /// Where a failed sync left frames that must never be read back: every
@@ -375,6 +389,9 @@ struct Core {
 struct Cut {
     epoch: u64,
     from: u64,
+    /// The failed sync's error kind (a full disk stays a full disk for
+    /// the groups failed after it).
+    kind: io::ErrorKind,
 }
 
 struct State {
@@ -507,15 +524,7 @@ impl Core {
     /// `fdatasync` of a segment file.
     fn sync_segment(&self, file: &File) -> io::Result<()> {
         #[cfg(test)]
-        if self
-            .fail_syncs
-            .fetch_update(
-                std::sync::atomic::Ordering::AcqRel,
-                std::sync::atomic::Ordering::Acquire,
-                |n| n.checked_sub(1),
-            )
-            .is_ok()
-        {
+        if injected(&self.fail_syncs) {
             return Err(io::Error::other("injected fdatasync failure"));
         }
         file.sync_data()
@@ -696,6 +705,8 @@ impl Spool {
             rejected: Mutex::new(rejected),
             #[cfg(test)]
             fail_syncs: std::sync::atomic::AtomicU32::new(0),
+            #[cfg(test)]
+            fail_cuts: std::sync::atomic::AtomicU32::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -1386,14 +1397,61 @@ mod tests {
     }
 
     #[test]
+    fn a_spool_whose_cut_after_a_failed_sync_fails_stays_not_writable_until_a_retry_cuts_it()
+    -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("t");
+        let spool = Spool::open(&path, SpoolOptions::default())?;
+        append(&spool, 1, 3000)?;
+        spool.core().fail_syncs.store(1, Ordering::Release);
+        spool.core().fail_cuts.store(u32::MAX, Ordering::Release);
+        assert!(append(&spool, 2, 3000).is_err());
+        assert!(
+            append(&spool, 3, 3000).is_err(),
+            "an append was written after frames a failed sync left"
+        );
+        // The writer retries the cut on its own, with its writability probe
+        // (two more failures, then it succeeds); until the frames are gone,
+        // the spool never says it can be written. (The error is read first:
+        // it is cleared only after the cut.)
+        spool.core().fail_cuts.store(2, Ordering::Release);
+        let segment = path.join(scan::segment_name(0));
+        let cut_len = SEGMENT_HEADER_LEN + record(1, 3000).encoded_len();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let writable = spool.stats().write_error.is_none();
+            let cut = fs::metadata(&segment)?.len() == cut_len;
+            assert!(
+                cut || !writable,
+                "the spool says it can be written while a failed sync's frames are in the log"
+            );
+            if cut && writable {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the failed frames were not cut or the error not cleared"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        append(&spool, 4, 3000)?;
+        spool.abandon();
+        let spool = Spool::open(&path, SpoolOptions::default())?;
+        assert_eq!(ids(&spool)?, ["req-1", "req-4"]);
+        spool.close();
+        Ok(())
+    }
+
+    #[test]
     fn records_acknowledged_around_failed_syncs_across_segments_are_exactly_those_read_back()
     -> TestResult {
         // Four writers append as fast as they are answered into 16 KiB
         // segments (about five records each), so groups are pipelined into
-        // the syncer and rolls fall between a group and its sync; three
-        // syncs fail along the way. Whatever was acknowledged is read back,
-        // once and in log order, and nothing that failed is, both live and
-        // after a crash.
+        // the syncer and rolls fall between a group and its sync; up to
+        // three syncs fail along the way. Whatever was acknowledged is read
+        // back, once and in log order, and nothing that failed is, both live
+        // and after a crash (the writers' last answers come after the last
+        // cut: a failure is answered only once the log is cut back).
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("t");
         let opts = SpoolOptions {
@@ -1421,7 +1479,7 @@ mod tests {
                     })
                 })
                 .collect();
-            for at in [100, 250, 400] {
+            for at in [100, 200, 300] {
                 while done.load(Ordering::Acquire) < at {
                     std::thread::yield_now();
                 }

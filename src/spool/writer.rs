@@ -23,9 +23,10 @@
 //!
 //! A failed sync fails its groups and every group written after them in the
 //! same epoch, and the writer cuts the log back to the first failed frame
-//! (deleting later segments, truncating that one) before it writes again,
-//! so that recovery, which reads every frame on disk, never brings back a
-//! request whose caller was told it failed (`docs/spool-format.md`).
+//! (deleting later segments, truncating that one) before it answers them or
+//! writes again, so that recovery, which reads every frame on disk, does not
+//! bring back a request whose caller was told it failed
+//! (`docs/spool-format.md`).
 
 use std::fs::{self, File};
 use std::io::{self, IoSlice, Seek, SeekFrom, Write};
@@ -85,6 +86,9 @@ pub(super) enum Cmd {
     Append(Append),
     /// Something changed that the writer should look at (an ack moved the cursor).
     Nudge,
+    /// Appends whose sync failed (from the syncer), each group with its
+    /// error: answered once the log is cut back ([`Writer::answer_failed`]).
+    Failed(Vec<(Vec<Append>, SpoolError)>),
     /// Sync everything, persist the cursor, and stop.
     Shutdown,
     /// Stop at once, as a crash would (tests only).
@@ -255,37 +259,43 @@ fn sync_loop(core: &Core, rx: &Receiver<SyncJob>, writer: &mpsc::Sender<Cmd>) {
         while let Ok(job) = rx.try_recv() {
             jobs.push(job);
         }
-        if sync_and_complete(core, jobs) {
-            // The writer cuts the log back now, not at its next append: a
-            // crash before that would read the failed groups back.
-            let _ = writer.send(Cmd::Nudge);
+        let failed = sync_and_complete(core, jobs);
+        if failed.is_empty() {
+            continue;
+        }
+        // The writer cuts the log back, then answers them.
+        if let Err(mpsc::SendError(Cmd::Failed(failed))) = writer.send(Cmd::Failed(failed)) {
+            for (appends, err) in failed {
+                fail_all(core, appends.into_iter(), &err);
+            }
         }
     }
 }
 
 /// One `fdatasync` per segment file touched by `jobs`, then publication and
-/// completion in log order; on failure every caller of `jobs` gets the error,
-/// and the log from their first frame on is to be cut back (a [`Cut`]).
+/// completion in log order. On failure the log from the first frame of
+/// `jobs` on is to be cut back (a [`Cut`]), and their appends are returned
+/// with the error, to be failed once it is ([`Writer::answer_failed`]).
 ///
 /// Their frames are in the segment, and a restart would read them back:
 /// the target would get requests whose clients were told they failed. So
 /// the groups written after them in the same epoch fail too, unsynced, and
 /// the writer truncates the log where the first failed group starts before
-/// it writes anything more ([`Writer::cut_back_if_due`]).
-///
-/// Returns true when a sync failed.
-fn sync_and_complete(core: &Core, jobs: Vec<SyncJob>) -> bool {
+/// it writes anything more or answers any of them.
+fn sync_and_complete(core: &Core, jobs: Vec<SyncJob>) -> Vec<(Vec<Append>, SpoolError)> {
     let cut = core.lock().cut;
+    let mut failed = Vec::new();
     let (doomed, jobs): (Vec<SyncJob>, Vec<SyncJob>) = jobs
         .into_iter()
         .partition(|j| cut.is_some_and(|c| c.epoch == j.epoch && j.base + j.seg_len > c.from));
     for job in doomed {
+        let kind = cut.map_or(io::ErrorKind::Other, |c| c.kind);
         let err = SpoolError::io(
             "sync",
             &core.segment_path(job.base),
-            io::Error::other("written after a failed sync; cut off the log"),
+            io::Error::new(kind, "written after a failed sync; cut off the log"),
         );
-        fail_all(core, job.group.into_iter().map(|(a, _)| a), &err);
+        failed.push((job.group.into_iter().map(|(a, _)| a).collect(), err));
     }
     let mut synced: Vec<u64> = Vec::with_capacity(1);
     let mut failure = None;
@@ -295,7 +305,11 @@ fn sync_and_complete(core: &Core, jobs: Vec<SyncJob>) -> bool {
         }
         synced.push(job.base);
         if let Err(e) = core.sync_segment(&job.file) {
-            failure = Some(SpoolError::io("sync", &core.segment_path(job.base), e));
+            let kind = e.kind();
+            failure = Some((
+                SpoolError::io("sync", &core.segment_path(job.base), e),
+                kind,
+            ));
             break;
         }
     }
@@ -304,26 +318,30 @@ fn sync_and_complete(core: &Core, jobs: Vec<SyncJob>) -> bool {
             for job in jobs {
                 complete(core, job.base, job.seg_len, job.group);
             }
-            false
         }
-        Some(err) => {
+        Some((err, kind)) => {
             let at = jobs.iter().map(|j| j.base + j.seg_len).max().unwrap_or(0);
             // Groups are never empty; each starts at its first record.
             let first = jobs
                 .iter()
                 .filter_map(|j| j.group.first().map(|(_, lsn)| (*lsn, j.epoch)))
                 .min();
-            if let Some((from, epoch)) = first {
-                core.lock().cut = Some(Cut { epoch, from });
+            {
+                // Under one lock: the writer may cut back at once.
+                let mut st = core.lock();
+                if let Some((from, epoch)) = first {
+                    st.cut = Some(Cut { epoch, from, kind });
+                }
+                st.write_error = Some((at, err.to_string()));
             }
-            core.write_failed(at, err.to_string());
             tracing::warn!(dir = %core.dir.display(), error = %err, "spool sync failed");
             for job in jobs {
-                fail_all(core, job.group.into_iter().map(|(a, _)| a), &err);
+                let appends = job.group.into_iter().map(|(a, _)| a).collect();
+                failed.push((appends, err.duplicate()));
             }
-            true
         }
     }
+    failed
 }
 
 /// Publishes a durable (as the policy says) group to readers and completes its callers.
@@ -359,9 +377,13 @@ impl Writer {
             };
             let stop = match cmd {
                 Ok(Cmd::Append(first)) => {
-                    let (batch, stop) = Self::collect(first, &rx);
+                    let (batch, stop) = self.collect(first, &rx);
                     self.write_batch(batch);
                     stop
+                }
+                Ok(Cmd::Failed(failed)) => {
+                    self.answer_failed(failed);
+                    None
                 }
                 Ok(Cmd::Nudge) | Err(RecvTimeoutError::Timeout) => None,
                 Ok(Cmd::Shutdown) | Err(RecvTimeoutError::Disconnected) => Some(Cmd::Shutdown),
@@ -370,7 +392,7 @@ impl Writer {
             match stop {
                 Some(Cmd::Abort) => return,
                 Some(_) => {
-                    self.shutdown();
+                    self.shutdown(&rx);
                     return;
                 }
                 None => self.housekeeping(false),
@@ -378,8 +400,9 @@ impl Writer {
         }
     }
 
-    /// Takes every append already queued behind `first`, up to the batch limits.
-    fn collect(first: Append, rx: &Receiver<Cmd>) -> (Vec<Append>, Option<Cmd>) {
+    /// Takes every append already queued behind `first`, up to the batch
+    /// limits (answering the syncer's failures met on the way).
+    fn collect(&mut self, first: Append, rx: &Receiver<Cmd>) -> (Vec<Append>, Option<Cmd>) {
         let mut bytes = first.len;
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH_RECORDS && bytes < MAX_BATCH_BYTES {
@@ -389,6 +412,7 @@ impl Writer {
                     batch.push(a);
                 }
                 Ok(Cmd::Nudge) => {}
+                Ok(Cmd::Failed(failed)) => self.answer_failed(failed),
                 Ok(stop @ (Cmd::Shutdown | Cmd::Abort)) => return (batch, Some(stop)),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => return (batch, Some(Cmd::Shutdown)),
@@ -424,13 +448,10 @@ impl Writer {
     }
 
     fn write_batch(&mut self, batch: Vec<Append>) {
-        if let Err(e) = self.cut_back_if_due() {
+        if let Err(e) = self.cut_or_flag() {
             // Written after the frames a failed sync left, these could not
             // be told apart from them at the next open: not written at all.
             self.failed_len = batch.iter().map(|a| a.len).sum();
-            self.core
-                .write_failed(self.active.base + self.active.len, e.to_string());
-            tracing::warn!(dir = %self.core.dir.display(), error = %e, "spool cannot cut back a failed sync");
             fail_all(&self.core, batch.into_iter(), &e);
             return;
         }
@@ -504,8 +525,8 @@ impl Writer {
                 None => Err(job),
             };
             if let Err(job) = unsent {
-                // A failure is cut back at this batch's housekeeping.
-                sync_and_complete(&self.core, vec![job]);
+                let failed = sync_and_complete(&self.core, vec![job]);
+                self.answer_failed(failed);
             }
             return Ok(());
         }
@@ -547,6 +568,35 @@ impl Writer {
             .map_err(|e| SpoolError::io("sync", &self.segment_path(self.active.base), e))?;
         self.unsynced_since = None;
         Ok(())
+    }
+
+    /// Fails appends whose sync failed, after cutting the log back: a caller
+    /// told that its record failed never finds it read back after a restart
+    /// (unless the cut itself failed; it is retried, and the spool stays
+    /// not writable until it succeeds).
+    fn answer_failed(&mut self, failed: Vec<(Vec<Append>, SpoolError)>) {
+        if failed.is_empty() {
+            return;
+        }
+        // A failed cut is retried (the error it leaves keeps the probe
+        // running); the callers are answered either way.
+        let _ = self.cut_or_flag();
+        for (appends, err) in failed {
+            fail_all(&self.core, appends.into_iter(), &err);
+        }
+    }
+
+    /// [`Writer::cut_back_if_due`]; a failure is logged and recorded as the
+    /// spool's write error (so the writability probe keeps running, and
+    /// housekeeping retries the cut), and means the cut is still due.
+    fn cut_or_flag(&mut self) -> Result<(), SpoolError> {
+        let result = self.cut_back_if_due();
+        if let Err(e) = &result {
+            tracing::warn!(dir = %self.core.dir.display(), error = %e, "spool cannot cut back a failed sync");
+            self.core
+                .write_failed(self.active.base + self.active.len, e.to_string());
+        }
+        result
     }
 
     /// After a failed sync ([`sync_and_complete`]): truncates the log at the
@@ -601,6 +651,14 @@ impl Writer {
                 .map_err(|e| SpoolError::io("open", &path, e))?;
             Arc::new(file)
         };
+        #[cfg(test)]
+        if super::injected(&self.core.fail_cuts) {
+            return Err(SpoolError::io(
+                "cut back",
+                &path,
+                io::Error::other("injected failure"),
+            ));
+        }
         let Some(len) = from.checked_sub(keep) else {
             return Err(SpoolError::io(
                 "cut back",
@@ -633,9 +691,7 @@ impl Writer {
     /// Periodic duties: cutting back a failed sync, interval fsync, cursor
     /// persistence, segment deletion.
     fn housekeeping(&mut self, force: bool) {
-        if let Err(e) = self.cut_back_if_due() {
-            tracing::warn!(dir = %self.core.dir.display(), error = %e, "spool cannot cut back a failed sync");
-        }
+        let cut = self.cut_or_flag().is_ok();
         if let (FsyncPolicy::Interval(every), Some(since)) =
             (self.core.opts.fsync, self.unsynced_since)
             && (force || since.elapsed() >= every)
@@ -654,7 +710,8 @@ impl Writer {
         }
         if self.probe_at.is_some_and(|at| Instant::now() >= at) {
             self.probe_at = None;
-            if self.core.has_write_error() {
+            // Not writable while a failed sync's frames are still in the log.
+            if self.core.has_write_error() && cut {
                 self.probe_writable();
             }
         }
@@ -712,13 +769,18 @@ impl Writer {
         fsutil::sync_dir(&self.core.dir).map_err(|e| SpoolError::io("sync", &self.core.dir, e))
     }
 
-    fn shutdown(&mut self) {
+    fn shutdown(&mut self, rx: &Receiver<Cmd>) {
         if let Some(syncer) = &mut self.syncer {
             syncer.finish();
         }
-        if let Err(e) = self.cut_back_if_due() {
-            tracing::warn!(dir = %self.core.dir.display(), error = %e, "spool cannot cut back a failed sync");
+        // The syncer's last failures (appends queued behind the shutdown
+        // are dropped, and their callers told the spool closed).
+        while let Ok(cmd) = rx.try_recv() {
+            if let Cmd::Failed(failed) = cmd {
+                self.answer_failed(failed);
+            }
         }
+        let _ = self.cut_or_flag();
         // Every policy syncs at a clean close: under `never`, the segments
         // sealed since the spool opened too (those still there once the
         // cursor is written and delivered segments are deleted), and the
