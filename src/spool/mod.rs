@@ -981,6 +981,15 @@ impl Spool {
         self.handle.stop(Cmd::Shutdown);
     }
 
+    /// Holds the writer until the returned sender is dropped: appends
+    /// queued meanwhile are written as one batch.
+    #[cfg(test)]
+    fn hold_writer(&self) -> mpsc::Sender<()> {
+        let (release, held) = mpsc::channel();
+        let _ = self.handle.tx.send(Cmd::Hold(held));
+        release
+    }
+
     /// Stops the writer at once without syncing or persisting the cursor, as a
     /// crash would. For tests of recovery.
     #[doc(hidden)]
@@ -1357,12 +1366,51 @@ mod tests {
         }
     }
 
+    /// A spool directory with `segment_size` segments.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        opts: SpoolOptions,
+    }
+
+    impl Fixture {
+        fn new(segment_size: u64) -> Result<Fixture, Box<dyn std::error::Error>> {
+            let dir = tempfile::tempdir()?;
+            Ok(Fixture {
+                path: dir.path().join("t"),
+                _dir: dir,
+                opts: SpoolOptions {
+                    segment_size,
+                    ..SpoolOptions::default()
+                },
+            })
+        }
+
+        fn open(&self, pipelined: bool) -> Result<Spool, SpoolError> {
+            Spool::open_with(&self.path, self.opts.clone(), pipelined)
+        }
+
+        /// Stops `spool` as a crash would and opens it again: it must read
+        /// back exactly `expected`, in order, with nothing counted corrupt.
+        fn after_a_crash(&self, spool: Spool, expected: &[String], what: &str) -> TestResult {
+            spool.abandon();
+            let spool = Spool::open(&self.path, self.opts.clone())?;
+            assert_eq!(ids(&spool)?, expected, "after a crash ({what})");
+            assert_eq!(spool.stats().dropped_corrupt, 0, "{what}");
+            spool.close();
+            Ok(())
+        }
+    }
+
+    fn names(ids: &[usize]) -> Vec<String> {
+        ids.iter().map(|id| format!("req-{id}")).collect()
+    }
+
     #[test]
     fn a_record_whose_sync_failed_is_not_read_back_after_a_crash() -> TestResult {
         for pipelined in [false, true] {
-            let dir = tempfile::tempdir()?;
-            let path = dir.path().join("t");
-            let spool = Spool::open_with(&path, SpoolOptions::default(), pipelined)?;
+            let fx = Fixture::new(DEFAULT_SEGMENT_SIZE)?;
+            let spool = fx.open(pipelined)?;
             append(&spool, 1, 3000)?;
             spool.core().fail_syncs.store(1, Ordering::Release);
             assert!(
@@ -1370,7 +1418,7 @@ mod tests {
                 "an append whose sync failed succeeded"
             );
             // The failed frame is cut off without waiting for another append.
-            let segment = path.join(scan::segment_name(0));
+            let segment = fx.path.join(scan::segment_name(0));
             let cut_len = SEGMENT_HEADER_LEN + record(1, 3000).encoded_len();
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while fs::metadata(&segment)?.len() != cut_len {
@@ -1381,17 +1429,54 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             }
             append(&spool, 3, 3000)?;
-            let expected = ["req-1", "req-3"];
+            let expected = names(&[1, 3]);
             assert_eq!(ids(&spool)?, expected, "pipelined: {pipelined}");
-            spool.abandon();
-            let spool = Spool::open(&path, SpoolOptions::default())?;
-            assert_eq!(
-                ids(&spool)?,
-                expected,
-                "after a crash (pipelined: {pipelined}): a record whose caller got an error came back"
+            fx.after_a_crash(spool, &expected, &format!("pipelined: {pipelined}"))?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_sync_of_a_group_that_starts_a_segment_rolled_into_in_its_batch_loses_nothing()
+    -> TestResult {
+        // One record per segment: every group starts a segment, and a batch
+        // of several records rolls between its groups. The first group's
+        // sync fails; the cut takes the log back to that segment's start,
+        // and the rest of the batch is written there and after.
+        for pipelined in [false, true] {
+            let fx = Fixture::new(4 << 10)?;
+            let spool = fx.open(pipelined)?;
+            append(&spool, 1, 3000)?;
+            let held = spool.hold_writer();
+            spool.core().fail_syncs.store(1, Ordering::Release);
+            let queued: Vec<_> = (2..6)
+                .map(|id| {
+                    let r = record(id, 3000);
+                    let reservation = spool.reserve_overcommit(r.encoded_len());
+                    (id, spool.append(reservation, r))
+                })
+                .collect();
+            drop(held);
+            let rt = tokio::runtime::Builder::new_current_thread().build()?;
+            let mut expected = vec!["req-1".to_string()];
+            for (id, answer) in queued {
+                if rt.block_on(answer).is_ok() {
+                    expected.push(format!("req-{id}"));
+                }
+            }
+            assert!(
+                !expected.contains(&"req-2".to_string()),
+                "the append whose sync failed succeeded"
             );
-            assert_eq!(spool.stats().dropped_corrupt, 0);
-            spool.close();
+            if !pipelined {
+                // Synced one by one after the cut. (With the syncer they were
+                // written before the failure was known, and fail with it.)
+                assert_eq!(expected, names(&[1, 3, 4, 5]));
+            }
+            append(&spool, 6, 3000)?;
+            expected.push("req-6".into());
+            assert_eq!(ids(&spool)?, expected, "live (pipelined: {pipelined})");
+            fx.after_a_crash(spool, &expected, &format!("pipelined: {pipelined}"))?;
         }
         Ok(())
     }
@@ -1399,9 +1484,15 @@ mod tests {
     #[test]
     fn a_spool_whose_cut_after_a_failed_sync_fails_stays_not_writable_until_a_retry_cuts_it()
     -> TestResult {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("t");
-        let spool = Spool::open(&path, SpoolOptions::default())?;
+        for pipelined in [false, true] {
+            cut_failing_once_then_retried(pipelined)?;
+        }
+        Ok(())
+    }
+
+    fn cut_failing_once_then_retried(pipelined: bool) -> TestResult {
+        let fx = Fixture::new(DEFAULT_SEGMENT_SIZE)?;
+        let spool = fx.open(pipelined)?;
         append(&spool, 1, 3000)?;
         spool.core().fail_syncs.store(1, Ordering::Release);
         spool.core().fail_cuts.store(u32::MAX, Ordering::Release);
@@ -1415,7 +1506,7 @@ mod tests {
         // the spool never says it can be written. (The error is read first:
         // it is cleared only after the cut.)
         spool.core().fail_cuts.store(2, Ordering::Release);
-        let segment = path.join(scan::segment_name(0));
+        let segment = fx.path.join(scan::segment_name(0));
         let cut_len = SEGMENT_HEADER_LEN + record(1, 3000).encoded_len();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
@@ -1435,30 +1526,28 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         append(&spool, 4, 3000)?;
-        spool.abandon();
-        let spool = Spool::open(&path, SpoolOptions::default())?;
-        assert_eq!(ids(&spool)?, ["req-1", "req-4"]);
-        spool.close();
-        Ok(())
+        fx.after_a_crash(spool, &names(&[1, 4]), &format!("pipelined: {pipelined}"))
     }
 
     #[test]
     fn records_acknowledged_around_failed_syncs_across_segments_are_exactly_those_read_back()
     -> TestResult {
+        for pipelined in [true, false] {
+            appends_around_failed_syncs(pipelined)?;
+        }
+        Ok(())
+    }
+
+    fn appends_around_failed_syncs(pipelined: bool) -> TestResult {
         // Four writers append as fast as they are answered into 16 KiB
-        // segments (about five records each), so groups are pipelined into
-        // the syncer and rolls fall between a group and its sync; up to
+        // segments (about five records each), so batches hold rolls and,
+        // with the syncer, rolls fall between a group and its sync; up to
         // three syncs fail along the way. Whatever was acknowledged is read
         // back, once and in log order, and nothing that failed is, both live
         // and after a crash (the writers' last answers come after the last
         // cut: a failure is answered only once the log is cut back).
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("t");
-        let opts = SpoolOptions {
-            segment_size: 16 << 10,
-            ..SpoolOptions::default()
-        };
-        let spool = Spool::open_with(&path, opts.clone(), true)?;
+        let fx = Fixture::new(16 << 10)?;
+        let spool = fx.open(pipelined)?;
         let done = AtomicUsize::new(0);
         let (acked, failed) = std::thread::scope(|scope| {
             let writers: Vec<_> = (0..4)
@@ -1494,18 +1583,13 @@ mod tests {
             }
             (acked, failed)
         });
-        assert!(failed > 0, "no sync failed");
+        assert!(failed > 0, "no sync failed (pipelined: {pipelined})");
         assert_eq!(acked.len() + failed, 600, "a writer stopped early");
         let mut acked = acked;
         acked.sort();
         let expected: Vec<String> = acked.into_iter().map(|(_, id)| id).collect();
-        assert_eq!(ids(&spool)?, expected, "live");
-        spool.abandon();
-        let spool = Spool::open(&path, opts)?;
-        assert_eq!(ids(&spool)?, expected, "after a crash");
-        assert_eq!(spool.stats().dropped_corrupt, 0);
-        spool.close();
-        Ok(())
+        assert_eq!(ids(&spool)?, expected, "live (pipelined: {pipelined})");
+        fx.after_a_crash(spool, &expected, &format!("pipelined: {pipelined}"))
     }
 
     #[test]

@@ -93,6 +93,10 @@ pub(super) enum Cmd {
     Shutdown,
     /// Stop at once, as a crash would (tests only).
     Abort,
+    /// Take no command until the sender is dropped or sends (tests only):
+    /// what is queued meanwhile is taken as one batch.
+    #[cfg(test)]
+    Hold(Receiver<()>),
 }
 
 /// The segment being appended to.
@@ -386,6 +390,11 @@ impl Writer {
                     None
                 }
                 Ok(Cmd::Nudge) | Err(RecvTimeoutError::Timeout) => None,
+                #[cfg(test)]
+                Ok(Cmd::Hold(release)) => {
+                    let _ = release.recv();
+                    None
+                }
                 Ok(Cmd::Shutdown) | Err(RecvTimeoutError::Disconnected) => Some(Cmd::Shutdown),
                 Ok(Cmd::Abort) => Some(Cmd::Abort),
             };
@@ -413,6 +422,10 @@ impl Writer {
                 }
                 Ok(Cmd::Nudge) => {}
                 Ok(Cmd::Failed(failed)) => self.answer_failed(failed),
+                #[cfg(test)]
+                Ok(Cmd::Hold(release)) => {
+                    let _ = release.recv();
+                }
                 Ok(stop @ (Cmd::Shutdown | Cmd::Abort)) => return (batch, Some(stop)),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => return (batch, Some(Cmd::Shutdown)),
@@ -452,7 +465,11 @@ impl Writer {
             // Written after the frames a failed sync left, these could not
             // be told apart from them at the next open: not written at all.
             self.failed_len = batch.iter().map(|a| a.len).sum();
-            fail_all(&self.core, batch.into_iter(), &e);
+            fail_all(
+                &self.core,
+                batch.into_iter(),
+                &self.cut_pending().unwrap_or(e),
+            );
             return;
         }
         let mut group: Vec<(Append, u64)> = Vec::with_capacity(batch.len());
@@ -463,7 +480,19 @@ impl Writer {
             if self.active.len + group_len > 0
                 && self.active.len + group_len + append.len > self.core.segment_limit
             {
-                let result = self.commit_group(&mut group).and_then(|()| self.roll());
+                // A failed sync answered inline (`commit_group`) may have cut
+                // the log back: roll only if the active segment is still
+                // full, and write nothing more while a cut is still due.
+                let result = self.commit_group(&mut group).and_then(|()| {
+                    if let Some(e) = self.cut_pending() {
+                        return Err(e);
+                    }
+                    if self.active.len > 0 && self.active.len + append.len > self.core.segment_limit
+                    {
+                        return self.roll();
+                    }
+                    Ok(())
+                });
                 if let Err(e) = result {
                     // A segment that cannot be created is a write error too.
                     self.failed_len = append.len;
@@ -597,6 +626,17 @@ impl Writer {
                 .write_failed(self.active.base + self.active.len, e.to_string());
         }
         result
+    }
+
+    /// The error for appends while a failed sync is still to be cut off the
+    /// log (with that sync's error kind: a full disk stays a full disk).
+    fn cut_pending(&self) -> Option<SpoolError> {
+        let cut = self.core.lock().cut.filter(|c| c.epoch == self.epoch)?;
+        Some(SpoolError::io(
+            "append to",
+            &self.segment_path(self.active.base),
+            io::Error::new(cut.kind, "a failed sync is not cut off the log yet"),
+        ))
     }
 
     /// After a failed sync ([`sync_and_complete`]): truncates the log at the
@@ -840,8 +880,10 @@ pub(super) fn create_segment(
     sync: bool,
 ) -> Result<Active, SpoolError> {
     let path = dir.join(scan::segment_name(base));
+    let mut created = false;
     let result = (|| {
         let file = fsutil::create_new(&path)?;
+        created = true;
         file.write_all_at(&SegmentHeader { base }.encode(), 0)?;
         if sync {
             file.sync_data()?;
@@ -856,7 +898,10 @@ pub(super) fn create_segment(
             len: 0,
         }),
         Err(e) => {
-            let _ = fs::remove_file(&path);
+            // Never a file this call did not create (a segment in use).
+            if created {
+                let _ = fs::remove_file(&path);
+            }
             Err(SpoolError::io("create segment", &path, e))
         }
     }
