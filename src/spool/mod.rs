@@ -420,6 +420,13 @@ struct State {
     /// The last failed sync, until the writer has cut the log back (and
     /// after, for the syncer to fail the jobs of that epoch still queued).
     cut: Option<Cut>,
+    /// How far readers have read: records before it may be on their way
+    /// to the target.
+    read_to: u64,
+    /// Ends of the records `drop_oldest` evicted after a reader had read
+    /// them, in log order: not counted in `dropped_full` unless their
+    /// delivery is not acknowledged ([`State::settle_evicted_read`]).
+    evicted_read: VecDeque<u64>,
     nudged: bool,
     closed: bool,
 }
@@ -442,6 +449,8 @@ impl State {
             dropped_corrupt: 0,
             write_error: None,
             cut: None,
+            read_to: 0,
+            evicted_read: VecDeque::new(),
             nudged: false,
             closed: false,
         }
@@ -464,6 +473,15 @@ impl State {
         let e = self.index.pop_front()?;
         self.index_bytes -= u64::from(e.len);
         Some(e)
+    }
+
+    /// The records evicted after being read whose delivery was not
+    /// acknowledged (the reader went back to the cursor, past them, or
+    /// is gone): lost after all, and counted so.
+    fn settle_evicted_read(&mut self) {
+        self.dropped_full += self.evicted_read.len() as u64;
+        self.evicted_read.clear();
+        self.read_to = self.cursor();
     }
 }
 
@@ -818,10 +836,15 @@ impl Spool {
     fn evict_locked(&self, st: &mut State, bytes: u64) {
         let before = st.cursor();
         while st.over_with(bytes) {
-            if st.pop_front().is_none() {
+            let Some(evicted) = st.pop_front() else {
                 break;
+            };
+            if evicted.lsn < st.read_to {
+                // On its way to the target: lost only if that fails.
+                st.evicted_read.push_back(evicted.end());
+            } else {
+                st.dropped_full += 1;
             }
-            st.dropped_full += 1;
         }
         if st.cursor() != before {
             self.nudge_locked(st);
@@ -907,6 +930,10 @@ impl Spool {
         let before = st.cursor();
         while st.index.front().is_some_and(|e| e.lsn < end) {
             st.pop_front();
+        }
+        // Evicted while on their way, and delivered after all: not dropped.
+        while st.evicted_read.front().is_some_and(|&e| e <= end) {
+            st.evicted_read.pop_front();
         }
         if st.cursor() != before {
             self.nudge_locked(&mut st);
@@ -1009,6 +1036,12 @@ pub struct Reader {
     committed: watch::Receiver<u64>,
 }
 
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.core.lock().settle_evicted_read();
+    }
+}
+
 impl fmt::Debug for Reader {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reader").field("next", &self.next).finish()
@@ -1023,7 +1056,9 @@ impl Reader {
 
     /// Goes back to the cursor: the oldest record not yet acknowledged.
     pub fn rewind(&mut self) {
-        self.next = self.core.lock().cursor();
+        let mut st = self.core.lock();
+        st.settle_evicted_read();
+        self.next = st.cursor();
     }
 
     /// Waits until there is something past the read position, or until
@@ -1070,7 +1105,7 @@ impl Reader {
         // Marked seen before the state is read: what changes after this
         // wakes `wait`.
         self.committed.borrow_and_update();
-        let st = self.core.lock();
+        let mut st = self.core.lock();
         self.next = self.next.max(st.cursor());
         let start = st.index.partition_point(|e| e.lsn < self.next);
         let Some(first) = st.index.get(start).copied() else {
@@ -1108,6 +1143,8 @@ impl Reader {
                 f
             }
         };
+        let read = entries.last().map_or(first.end(), Entry::end);
+        st.read_to = st.read_to.max(read);
         Ok(Some((entries, base, file)))
     }
 
@@ -1590,6 +1627,52 @@ mod tests {
         let expected: Vec<String> = acked.into_iter().map(|(_, id)| id).collect();
         assert_eq!(ids(&spool)?, expected, "live (pipelined: {pipelined})");
         fx.after_a_crash(spool, &expected, &format!("pipelined: {pipelined}"))
+    }
+
+    #[test]
+    fn a_record_evicted_while_being_replayed_counts_as_dropped_only_if_its_delivery_is_not_acknowledged()
+    -> TestResult {
+        let one = record(1, 1000).encoded_len();
+        let dir = tempfile::tempdir()?;
+        let opts = SpoolOptions {
+            max_size: 3 * one,
+            when_full: WhenFull::DropOldest,
+            ..SpoolOptions::default()
+        };
+        let spool = Spool::open(dir.path().join("t"), opts)?;
+        append(&spool, 1, 1000)?;
+        append(&spool, 2, 1000)?;
+        let mut reader = spool.reader();
+        let read = reader.read_batch(64, 1 << 20)?;
+        assert_eq!(read.len(), 2);
+        // Room for two more evicts record 1, which is on its way.
+        let room = spool.try_reserve(2 * one)?;
+        assert_eq!(spool.stats().records, 1, "nothing was evicted");
+        assert_eq!(
+            spool.stats().dropped_full,
+            0,
+            "a record on its way to the target was counted as dropped"
+        );
+        // Its delivery is acknowledged (with record 2's): nothing was lost.
+        let last = read.last().ok_or("nothing read")?;
+        spool.ack(last.end);
+        assert_eq!(spool.stats().dropped_full, 0);
+        drop(room);
+        // Read, evicted, and its delivery failed (the reader goes back to
+        // the cursor, past it): lost.
+        append(&spool, 3, 1000)?;
+        append(&spool, 4, 1000)?;
+        assert_eq!(reader.read_batch(64, 1 << 20)?.len(), 2);
+        let room = spool.try_reserve(2 * one)?;
+        reader.rewind();
+        assert_eq!(spool.stats().dropped_full, 1);
+        // A record no reader has read counts at once.
+        drop(room);
+        append(&spool, 5, 1000)?;
+        let _room = spool.try_reserve(2 * one)?;
+        assert_eq!(spool.stats().dropped_full, 2);
+        spool.close();
+        Ok(())
     }
 
     #[test]
