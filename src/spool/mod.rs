@@ -325,7 +325,9 @@ pub struct SpoolStats {
     pub oldest_accepted_at: Option<SystemTime>,
     /// Segment files on disk.
     pub segments: u64,
-    /// Records evicted by `drop_oldest`.
+    /// Records evicted by `drop_oldest`. One evicted after the reader had
+    /// read it (it may be on its way to the target) counts only if its
+    /// delivery is not acknowledged, once the reader rewinds or is dropped.
     pub dropped_full: u64,
     /// Reservations refused under `drop_newest`.
     pub dropped_newest: u64,
@@ -420,8 +422,9 @@ struct State {
     /// The last failed sync, until the writer has cut the log back (and
     /// after, for the syncer to fail the jobs of that epoch still queued).
     cut: Option<Cut>,
-    /// How far readers have read: records before it may be on their way
-    /// to the target.
+    /// How far the reader has read (one per spool: the target's delivery
+    /// worker; another reader's reads and drop settle as the worker's
+    /// would): records before it may be on their way to the target.
     read_to: u64,
     /// Ends of the records `drop_oldest` evicted after a reader had read
     /// them, in log order: not counted in `dropped_full` unless their
@@ -940,7 +943,9 @@ impl Spool {
         }
     }
 
-    /// A reader positioned at the cursor.
+    /// A reader positioned at the cursor. A spool has one (the delivery
+    /// worker's): `drop_oldest` evictions of records it has read are
+    /// counted by its acknowledgements and rewinds ([`SpoolStats::dropped_full`]).
     pub fn reader(&self) -> Reader {
         let core = self.core().clone();
         let next = core.lock().cursor();
@@ -1105,7 +1110,7 @@ impl Reader {
         // Marked seen before the state is read: what changes after this
         // wakes `wait`.
         self.committed.borrow_and_update();
-        let mut st = self.core.lock();
+        let st = self.core.lock();
         self.next = self.next.max(st.cursor());
         let start = st.index.partition_point(|e| e.lsn < self.next);
         let Some(first) = st.index.get(start).copied() else {
@@ -1143,8 +1148,6 @@ impl Reader {
                 f
             }
         };
-        let read = entries.last().map_or(first.end(), Entry::end);
-        st.read_to = st.read_to.max(read);
         Ok(Some((entries, base, file)))
     }
 
@@ -1185,8 +1188,11 @@ impl Reader {
             }
         }
         self.next = last.end();
+        let mut st = self.core.lock();
+        // Read (a failed read above moves nothing): these may now be on
+        // their way to the target.
+        st.read_to = st.read_to.max(self.next);
         if !damaged.is_empty() {
-            let mut st = self.core.lock();
             for lsn in damaged {
                 if let Ok(i) = st.index.binary_search_by_key(&lsn, |e| e.lsn)
                     && let Some(e) = st.index.remove(i)
@@ -1607,7 +1613,7 @@ mod tests {
                 .collect();
             for at in [100, 200, 300] {
                 while done.load(Ordering::Acquire) < at {
-                    std::thread::yield_now();
+                    std::thread::sleep(Duration::from_millis(1));
                 }
                 spool.core().fail_syncs.fetch_add(1, Ordering::AcqRel);
             }
@@ -1632,6 +1638,8 @@ mod tests {
     #[test]
     fn a_record_evicted_while_being_replayed_counts_as_dropped_only_if_its_delivery_is_not_acknowledged()
     -> TestResult {
+        // Room for three records under `drop_oldest`; each case on a fresh
+        // spool holding records 1, 2 (and 3).
         let one = record(1, 1000).encoded_len();
         let dir = tempfile::tempdir()?;
         let opts = SpoolOptions {
@@ -1639,39 +1647,81 @@ mod tests {
             when_full: WhenFull::DropOldest,
             ..SpoolOptions::default()
         };
-        let spool = Spool::open(dir.path().join("t"), opts)?;
-        append(&spool, 1, 1000)?;
-        append(&spool, 2, 1000)?;
+        let mut n = 0;
+        let mut spool_of = |records: usize| -> Result<Spool, Box<dyn std::error::Error>> {
+            n += 1;
+            let spool = Spool::open(dir.path().join(format!("t{n}")), opts.clone())?;
+            for id in 1..=records {
+                append(&spool, id, 1000)?;
+            }
+            Ok(spool)
+        };
+        let dropped = |spool: &Spool| spool.stats().dropped_full;
+
+        // Read, evicted, delivered: not lost.
+        let spool = spool_of(2)?;
         let mut reader = spool.reader();
         let read = reader.read_batch(64, 1 << 20)?;
-        assert_eq!(read.len(), 2);
-        // Room for two more evicts record 1, which is on its way.
-        let room = spool.try_reserve(2 * one)?;
-        assert_eq!(spool.stats().records, 1, "nothing was evicted");
+        let _room = spool.try_reserve(2 * one)?;
+        assert_eq!(spool.stats().records, 1, "record 1 was not evicted");
         assert_eq!(
-            spool.stats().dropped_full,
+            dropped(&spool),
             0,
             "a record on its way to the target was counted as dropped"
         );
-        // Its delivery is acknowledged (with record 2's): nothing was lost.
-        let last = read.last().ok_or("nothing read")?;
-        spool.ack(last.end);
-        assert_eq!(spool.stats().dropped_full, 0);
-        drop(room);
-        // Read, evicted, and its delivery failed (the reader goes back to
-        // the cursor, past it): lost.
-        append(&spool, 3, 1000)?;
-        append(&spool, 4, 1000)?;
-        assert_eq!(reader.read_batch(64, 1 << 20)?.len(), 2);
-        let room = spool.try_reserve(2 * one)?;
-        reader.rewind();
-        assert_eq!(spool.stats().dropped_full, 1);
-        // A record no reader has read counts at once.
-        drop(room);
-        append(&spool, 5, 1000)?;
+        spool.ack(read.last().ok_or("nothing read")?.end);
+        assert_eq!(
+            dropped(&spool),
+            0,
+            "a delivered record was counted as dropped"
+        );
+
+        // Read, evicted; the first delivered, the second not (the worker
+        // goes back to the cursor, past it): one lost.
+        let spool = spool_of(3)?;
+        let mut reader = spool.reader();
+        let read = reader.read_batch(64, 1 << 20)?;
         let _room = spool.try_reserve(2 * one)?;
-        assert_eq!(spool.stats().dropped_full, 2);
-        spool.close();
+        assert_eq!(spool.stats().records, 1, "records 1 and 2 were not evicted");
+        spool.ack(read.first().ok_or("nothing read")?.end);
+        assert_eq!(dropped(&spool), 0);
+        reader.rewind();
+        assert_eq!(dropped(&spool), 1);
+
+        // Read, evicted, and the worker stops: lost.
+        let spool = spool_of(2)?;
+        let mut reader = spool.reader();
+        reader.read_batch(64, 1 << 20)?;
+        let _room = spool.try_reserve(2 * one)?;
+        drop(reader);
+        assert_eq!(dropped(&spool), 1);
+
+        // Record 1 read, record 2 not: record 2's eviction counts at once.
+        let spool = spool_of(2)?;
+        let mut reader = spool.reader();
+        assert_eq!(reader.read_batch(1, 1 << 20)?.len(), 1);
+        let _room = spool.try_reserve(3 * one)?;
+        assert_eq!(spool.stats().records, 0, "records 1 and 2 were not evicted");
+        assert_eq!(
+            dropped(&spool),
+            1,
+            "an unread record's eviction was not counted"
+        );
+
+        // A read that failed read nothing: an eviction counts at once.
+        let spool = spool_of(2)?;
+        let segment = spool.dir().join(scan::segment_name(0));
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&segment)?
+            .set_len(SEGMENT_HEADER_LEN)?;
+        let mut reader = spool.reader();
+        assert!(
+            reader.read_batch(64, 1 << 20).is_err(),
+            "a cut segment was read"
+        );
+        let _room = spool.try_reserve(2 * one)?;
+        assert_eq!(dropped(&spool), 1, "a record never read was not counted");
         Ok(())
     }
 
