@@ -23,8 +23,8 @@ use common::Conf;
 use forkd::sink::{Sink, SinkBuilder};
 use forkd::spool::fuzzing::{SEGMENT_HEADER_LEN, SegmentHeader, decode_frame, scan_data};
 use harness::{
-    Endpoint, Forkd, Load, Rng, Setup, check_delivery, env_u64, eventually, eventually_within,
-    parse_tagged, runtime, tagged_body,
+    Endpoint, Forkd, Load, Rng, Setup, check_delivery, env_u64, eventually, parse_tagged, runtime,
+    tagged_body,
 };
 
 // ---------------------------------------------------------------- helpers
@@ -93,17 +93,25 @@ fn wait_and_check(
     sink: &Sink,
     logs: &[harness::ClientLog],
     limit: Duration,
+    d: &Forkd,
 ) -> harness::DeliveryReport {
     let want = harness::acked_set(logs).len();
-    eventually_within(
-        &format!("every acknowledged request at {name}"),
-        limit,
-        || {
-            // Cheap count first; the full comparison clones every body.
-            (sink.delivered_count() >= want && harness::all_delivered(&sink.delivered(), logs))
-                .then_some(())
-        },
-    );
+    let until = Instant::now() + limit;
+    // Cheap count first; the full comparison clones every body.
+    while !(sink.delivered_count() >= want && harness::all_delivered(&sink.delivered(), logs)) {
+        if Instant::now() >= until {
+            // Slow, or stuck: the count and forkd's view of the target tell.
+            let t = d.status()["targets"][name].clone();
+            panic!(
+                "timed out after {limit:?} waiting for every acknowledged request at {name}: \
+                 {} arrivals for {want} acknowledged; forkd: state {}, buffer_records {}",
+                sink.delivered_count(),
+                t["state"],
+                t["buffer_records"]
+            );
+        }
+        std::thread::sleep(harness::TICK);
+    }
     check_delivery(name, &sink.delivered(), logs)
 }
 
@@ -131,7 +139,10 @@ fn every_request_acknowledged_before_repeated_kill_9s_reaches_every_target_in_cl
         .routing("secondary_wait = \"1s\"")
         .buffer("fsync = \"always\"")
         .buffer("drain_concurrency = 1")
-        .buffer("max_size = \"256MiB\"");
+        // Room for the whole backlog, so no record is evicted (the backup's
+        // `when_full` is `drop_oldest`): it grows with the run, about 3 MiB
+        // per kill here (150 kills overflowed 256 MiB).
+        .buffer(&format!("max_size = \"{}MiB\"", (8 * kills).max(256)));
     let config = setup.write(&conf, &setup.spool_dir());
     harness::release_bin(); // built (if needed) before the clock starts
     let flapper = Flapper::start(&rt, backup, Duration::from_millis(500));
@@ -165,8 +176,8 @@ fn every_request_acknowledged_before_repeated_kill_9s_reaches_every_target_in_cl
     let acked: usize = logs.iter().map(|l| l.acked.len()).sum();
     let failed: u64 = logs.iter().map(|l| l.attempts).sum::<u64>() - acked as u64;
     let limit = Duration::from_secs(180);
-    let p = wait_and_check("primary", &primary, &logs, limit);
-    let b = wait_and_check("backup", &backup, &logs, limit);
+    let p = wait_and_check("primary", &primary, &logs, limit, &d);
+    let b = wait_and_check("backup", &backup, &logs, limit, &d);
     wait_drained(&d, "primary");
     wait_drained(&d, "backup");
     eprintln!(
@@ -264,8 +275,8 @@ fn a_target_flapping_every_half_second_loses_and_reorders_nothing_and_is_up_with
     let logs = load.stop();
     let acked: usize = logs.iter().map(|l| l.acked.len()).sum();
     let limit = Duration::from_secs(120);
-    let p = wait_and_check("primary", &primary, &logs, limit);
-    let b = wait_and_check("backup", &backup, &logs, limit);
+    let p = wait_and_check("primary", &primary, &logs, limit, &d);
+    let b = wait_and_check("backup", &backup, &logs, limit, &d);
     wait_drained(&d, "backup");
     let failures = d.metric(
         "forkd_target_attempt_failures_total",
