@@ -1396,6 +1396,29 @@ mod tests {
         spool.append_blocking(reservation, r)
     }
 
+    /// Appends `records` (id, body length) as one batch of the writer;
+    /// returns the names of those whose append succeeded, in order.
+    fn append_batch(
+        spool: &Spool,
+        records: impl IntoIterator<Item = (usize, usize)>,
+    ) -> Result<Vec<String>, io::Error> {
+        let held = spool.hold_writer();
+        let queued: Vec<_> = records
+            .into_iter()
+            .map(|(id, len)| {
+                let r = record(id, len);
+                let reservation = spool.reserve_overcommit(r.encoded_len());
+                (id, spool.append(reservation, r))
+            })
+            .collect();
+        drop(held);
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        Ok(queued
+            .into_iter()
+            .filter_map(|(id, answer)| rt.block_on(answer).is_ok().then(|| format!("req-{id}")))
+            .collect())
+    }
+
     /// The request ids of every record from the cursor on, in log order.
     fn ids(spool: &Spool) -> Result<Vec<String>, SpoolError> {
         let mut reader = spool.reader();
@@ -1490,23 +1513,9 @@ mod tests {
             let fx = Fixture::new(4 << 10)?;
             let spool = fx.open(pipelined)?;
             append(&spool, 1, 3000)?;
-            let held = spool.hold_writer();
             spool.core().fail_syncs.store(1, Ordering::Release);
-            let queued: Vec<_> = (2..6)
-                .map(|id| {
-                    let r = record(id, 3000);
-                    let reservation = spool.reserve_overcommit(r.encoded_len());
-                    (id, spool.append(reservation, r))
-                })
-                .collect();
-            drop(held);
-            let rt = tokio::runtime::Builder::new_current_thread().build()?;
-            let mut expected = vec!["req-1".to_string()];
-            for (id, answer) in queued {
-                if rt.block_on(answer).is_ok() {
-                    expected.push(format!("req-{id}"));
-                }
-            }
+            let mut expected = names(&[1]);
+            expected.extend(append_batch(&spool, (2..6).map(|id| (id, 3000)))?);
             assert!(
                 !expected.contains(&"req-2".to_string()),
                 "the append whose sync failed succeeded"
@@ -1794,25 +1803,10 @@ mod tests {
                     }
                 }
                 Step::Batch(bodies) => {
-                    let held = spool.hold_writer();
-                    let queued: Vec<_> = bodies
-                        .iter()
-                        .map(|&len| {
-                            next_id += 1;
-                            let r = record(next_id, len);
-                            let reservation = spool.reserve_overcommit(r.encoded_len());
-                            (next_id, spool.append(reservation, r))
-                        })
-                        .collect();
-                    drop(held);
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .build()
-                        .map_err(|e| fail(&e))?;
-                    for (id, answer) in queued {
-                        if rt.block_on(answer).is_ok() {
-                            kept.push(format!("req-{id}"));
-                        }
-                    }
+                    let first = next_id + 1;
+                    next_id += bodies.len();
+                    let batch = (first..).zip(bodies.iter().copied());
+                    kept.extend(append_batch(&spool, batch).map_err(|e| fail(&e))?);
                 }
                 Step::FailSyncs(n) => {
                     spool.core().fail_syncs.fetch_add(*n, Ordering::AcqRel);

@@ -631,7 +631,7 @@ impl Writer {
     /// The error for appends while a failed sync is still to be cut off the
     /// log (with that sync's error kind: a full disk stays a full disk).
     fn cut_pending(&self) -> Option<SpoolError> {
-        let cut = self.core.lock().cut.filter(|c| c.epoch == self.epoch)?;
+        let cut = self.due_cut()?;
         Some(SpoolError::io(
             "append to",
             &self.segment_path(self.active.base),
@@ -639,12 +639,17 @@ impl Writer {
         ))
     }
 
+    /// The failed sync this writer has still to cut off the log (one of its
+    /// own epoch; an older one was cut already).
+    fn due_cut(&self) -> Option<Cut> {
+        self.core.lock().cut.filter(|c| c.epoch == self.epoch)
+    }
+
     /// After a failed sync ([`sync_and_complete`]): truncates the log at the
     /// first frame of the failed groups, so that no frame whose caller got
     /// an error is read back at the next open, and starts a new epoch.
     fn cut_back_if_due(&mut self) -> Result<(), SpoolError> {
-        let due = self.core.lock().cut.filter(|c| c.epoch == self.epoch);
-        if let Some(cut) = due {
+        if let Some(cut) = self.due_cut() {
             self.cut_back(cut.from)?;
             self.epoch += 1;
             tracing::info!(dir = %self.core.dir.display(), at = cut.from, "spool cut back to before the groups whose sync failed");
