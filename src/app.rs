@@ -196,6 +196,18 @@ impl Control {
         if config.raw.buffer.dir != old.config.raw.buffer.dir {
             return Err("buffer.dir: cannot change while running; restart forkd".into());
         }
+        // `max_inflight_bytes` takes effect at restart, `max_body_size` at
+        // once: a body that the budget in force can never hold would wait
+        // for it until `request_timeout`, holding all of it meanwhile.
+        let budget = self.fork.budget_bytes();
+        if config.raw.server.max_body_size.as_u64() > budget {
+            return Err(format!(
+                "server.max_body_size ({}) is larger than the server.max_inflight_bytes in force ({}); \
+                 raise max_inflight_bytes and restart forkd first",
+                config.raw.server.max_body_size,
+                bytesize::ByteSize::b(budget)
+            ));
+        }
         for w in &config.warnings {
             tracing::warn!(warning = %w, "config");
         }
@@ -273,18 +285,36 @@ impl Control {
         *self.admin_token.lock().unwrap_or_else(|p| p.into_inner()) =
             config.raw.admin.token.clone();
         self.fork.set_routing(routing);
-        for name in removed {
-            if let Some(rt) = runtimes.remove(&name) {
-                tracing::warn!(
-                    target = %name,
-                    "target removed from the config; its spool stays on disk (see forkd spool inspect)"
-                );
-                rt.stop().await;
-                rt.forget_metrics();
-                let spool = rt.spool.clone();
-                drop(rt);
-                let _ = tokio::task::spawn_blocking(move || spool.close()).await;
-            }
+        let removed: Vec<Arc<TargetRuntime>> = removed
+            .iter()
+            .filter_map(|name| runtimes.remove(name))
+            .collect();
+        for rt in &removed {
+            tracing::warn!(
+                target = %rt.name,
+                "target removed from the config; its spool stays on disk (see forkd spool inspect)"
+            );
+            rt.stop().await;
+        }
+        if !removed.is_empty() {
+            // Requests in flight finish under the routing they started
+            // with, so a removed target's spool stays open for their copies
+            // until they are done (or could no longer be running).
+            let old_cfg = &old.config.raw;
+            let longest_send = old.targets.iter().map(|t| t.config().timeout).max();
+            let bound = old_cfg
+                .server
+                .request_timeout
+                .saturating_add(longest_send.unwrap_or_default())
+                .saturating_add(old_cfg.routing.secondary_wait);
+            until_sole_owner(&old, bound).await;
+        }
+        drop(old);
+        for rt in removed {
+            rt.forget_metrics();
+            let spool = rt.spool.clone();
+            drop(rt);
+            let _ = tokio::task::spawn_blocking(move || spool.close()).await;
         }
         *self.runtimes.lock().unwrap_or_else(|p| p.into_inner()) = runtimes;
         Ok(())
@@ -315,7 +345,11 @@ impl Control {
         let _guard = self.change.lock().await;
         let path = self.buffer_dir.join(ROUTING_STATE_FILE);
         match std::fs::remove_file(&path) {
-            Ok(()) => {}
+            // The removal made durable: after a power loss the switch must
+            // not come back.
+            Ok(()) => std::fs::File::open(&self.buffer_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| SwitchError::Save(e.to_string()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(SwitchError::Save(e.to_string())),
         }
@@ -435,6 +469,16 @@ pub enum SwitchError {
     UnknownTarget(String),
     #[error("cannot save the switch: {0}")]
     Save(String),
+}
+
+/// Waits until `shared` has no owner but the caller (every request that
+/// took it has finished), or until `bound` has passed.
+async fn until_sole_owner<T>(shared: &Arc<T>, bound: Duration) {
+    let start = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    while Arc::strong_count(shared) > 1 && start.elapsed() < bound {
+        tick.tick().await;
+    }
 }
 
 fn write_state(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {

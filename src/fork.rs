@@ -77,9 +77,14 @@ impl Routing {
 
 /// Bytes of request bodies held in memory, bounded by `max_inflight_bytes`.
 /// Counted in KiB so a 4 GiB budget fits the semaphore's u32 requests.
+/// A body read chunk by chunk reserves the units its running total needs,
+/// not a unit per chunk: a client sending one-byte chunks holds what it
+/// sent, rounded up once.
 #[derive(Debug)]
 pub struct Budget {
     sem: Arc<Semaphore>,
+    /// Units the budget was made with (fixed until restart).
+    capacity: u32,
 }
 
 const BUDGET_UNIT: u64 = 1024;
@@ -92,17 +97,28 @@ fn units(bytes: u64) -> u32 {
 
 impl Budget {
     pub fn new(max_bytes: u64) -> Self {
+        // A semaphore holds at most `Semaphore::MAX_PERMITS` (2^61).
+        let capacity =
+            units(max_bytes).min(u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
         Budget {
-            sem: Arc::new(Semaphore::new(units(max_bytes) as usize)),
+            sem: Arc::new(Semaphore::new(capacity as usize)),
+            capacity,
         }
     }
 
-    async fn acquire(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
-        self.sem
-            .clone()
-            .acquire_many_owned(units(bytes).max(1))
-            .await
-            .ok()
+    /// The bytes this budget holds in all.
+    pub fn capacity_bytes(&self) -> u64 {
+        u64::from(self.capacity) * BUDGET_UNIT
+    }
+
+    /// `n` more units. `None` at once when `n` is more than the whole
+    /// budget: waiting could only end in the deadline, holding every unit
+    /// it took meanwhile and stalling every other request.
+    async fn acquire_units(&self, n: u32) -> Option<OwnedSemaphorePermit> {
+        if n > self.capacity {
+            return None;
+        }
+        self.sem.clone().acquire_many_owned(n).await.ok()
     }
 }
 
@@ -167,6 +183,12 @@ impl Fork {
     }
 
     /// The routing in force.
+    /// The bytes of request bodies held at once (`max_inflight_bytes` as
+    /// forkd started: a reload does not change it).
+    pub fn budget_bytes(&self) -> u64 {
+        self.budget.capacity_bytes()
+    }
+
     pub fn routing(&self) -> Arc<Routing> {
         self.routing
             .read()
@@ -347,9 +369,12 @@ impl Fork {
         // One permit: later reservations (a body without Content-Length,
         // read chunk by chunk) are merged into it.
         let mut permit: Option<OwnedSemaphorePermit> = None;
+        // Bytes counted in `forkd_inflight_bytes`, and budget units held.
         let mut held: u64 = 0;
+        let mut held_units: u32 = 0;
         if let Some(n) = declared {
-            permit = Some(self.reserve_budget(n, deadline).await?);
+            held_units = units(n).max(1);
+            permit = Some(self.reserve_budget(held_units, deadline).await?);
             held = n;
         }
         let mut first: Option<Bytes> = None;
@@ -381,11 +406,14 @@ impl Fork {
                 return Err(too_large(max_body));
             }
             if total > held {
-                let more = total - held;
-                let more = self.reserve_budget(more, deadline).await?;
-                match permit.as_mut() {
-                    Some(p) => p.merge(more),
-                    None => permit = Some(more),
+                let needed = units(total);
+                if needed > held_units {
+                    let more = self.reserve_budget(needed - held_units, deadline).await?;
+                    match permit.as_mut() {
+                        Some(p) => p.merge(more),
+                        None => permit = Some(more),
+                    }
+                    held_units = needed;
                 }
                 held = total;
             }
@@ -408,10 +436,10 @@ impl Fork {
 
     async fn reserve_budget(
         &self,
-        bytes: u64,
+        units: u32,
         deadline: Instant,
     ) -> Result<OwnedSemaphorePermit, Resp> {
-        match tokio::time::timeout_at(deadline.into(), self.budget.acquire(bytes)).await {
+        match tokio::time::timeout_at(deadline.into(), self.budget.acquire_units(units)).await {
             Ok(Some(p)) => Ok(p),
             _ => Err(unavailable(
                 "too much request data in flight; retry later\n",
@@ -582,11 +610,10 @@ impl Fork {
             return plain(StatusCode::BAD_REQUEST, "request has no path\n");
         };
         let headers = upstream::end_to_end_headers(parts.headers, client);
-        let cfg = target.config();
-        let client_http = target.client();
+        let conf = target.conf();
         match upstream::pass_through(
-            &client_http,
-            &cfg,
+            &conf.client,
+            &conf.target,
             parts.method.clone(),
             &pq,
             headers,

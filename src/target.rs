@@ -57,13 +57,21 @@ pub enum Admission {
     Full,
 }
 
+/// A target's config in force and the clients made for it, swapped as one
+/// by a reload: a send takes all three from one snapshot, so it never pairs
+/// one config's URL, `Host` or headers (credentials) with a connection to
+/// another config's host.
+pub struct Conf {
+    pub target: Arc<Target>,
+    pub client: HttpClient,
+    /// The pipelining client for live sends and replays (`http://` targets).
+    pub pipe: Option<Arc<Pipe>>,
+}
+
 /// One target: config in force, client, spool, state, worker.
 pub struct TargetRuntime {
     pub name: String,
-    config: RwLock<Arc<Target>>,
-    client: RwLock<HttpClient>,
-    /// The pipelining client for live sends and replays (`http://` targets).
-    pipe: RwLock<Option<Arc<Pipe>>>,
+    conf: RwLock<Arc<Conf>>,
     retry: RwLock<RetryConfig>,
     /// This target's metric series, looked up once.
     series: Series,
@@ -121,10 +129,12 @@ impl TargetRuntime {
         let (stop, _) = watch::channel(false);
         let rt = Arc::new(TargetRuntime {
             name: target.name.clone(),
-            client: RwLock::new(client),
-            pipe: RwLock::new(upstream::pipe(&target)),
             series,
-            config: RwLock::new(Arc::new(target)),
+            conf: RwLock::new(Arc::new(Conf {
+                pipe: upstream::pipe(&target),
+                client,
+                target: Arc::new(target),
+            })),
             retry: RwLock::new(retry),
             spool,
             state: Mutex::new(state),
@@ -162,36 +172,31 @@ impl TargetRuntime {
 
     /// The target config in force.
     pub fn config(&self) -> Arc<Target> {
-        self.config
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.conf().target.clone()
     }
 
-    /// The target's pooled client.
-    pub fn client(&self) -> HttpClient {
-        self.client
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// The target config in force with its clients.
+    pub fn conf(&self) -> Arc<Conf> {
+        self.conf.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Applies a reloaded config: headers and query take effect at the next
     /// send, live or replay. Spool settings other than the bound take effect at restart.
     pub fn reconfigure(&self, target: Target, retry: RetryConfig) {
-        let old = self.config();
-        if old.base != target.base
+        let old_conf = self.conf();
+        let old = &old_conf.target;
+        let (client, pipe) = if old.base != target.base
             || old.connect_timeout != target.connect_timeout
             || old.ca_certs != target.ca_certs
         {
-            *self.pipe.write().unwrap_or_else(|p| p.into_inner()) = upstream::pipe(&target);
-            match upstream::client(&target) {
-                Ok(client) => *self.client.write().unwrap_or_else(|p| p.into_inner()) = client,
-                Err(e) => {
-                    tracing::error!(target = %self.name, error = %e, "cannot rebuild the client; keeping the old one")
-                }
-            }
-        }
+            let client = upstream::client(&target).unwrap_or_else(|e| {
+                tracing::error!(target = %self.name, error = %e, "cannot rebuild the client; keeping the old one");
+                old_conf.client.clone()
+            });
+            (client, upstream::pipe(&target))
+        } else {
+            (old_conf.client.clone(), old_conf.pipe.clone())
+        };
         let restart_only =
             |o: &crate::spool::SpoolOptions| (o.fsync, o.segment_size, o.rejected_max_size);
         if restart_only(&old.spool) != restart_only(&target.spool) {
@@ -205,9 +210,13 @@ impl TargetRuntime {
         let changed = {
             let mut same_role = target.clone();
             same_role.spool.when_full = old.spool.when_full;
-            *old != same_role || *self.retry.read().unwrap_or_else(|p| p.into_inner()) != retry
+            **old != same_role || *self.retry.read().unwrap_or_else(|p| p.into_inner()) != retry
         };
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(target);
+        *self.conf.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Conf {
+            target: Arc::new(target),
+            client,
+            pipe,
+        });
         *self.retry.write().unwrap_or_else(|p| p.into_inner()) = retry;
         // Wake the worker so a backoff computed under the old settings ends
         // (a fixed URL or a rotated token is tried at once). A reload that
@@ -327,37 +336,26 @@ impl TargetRuntime {
         Some(at.saturating_duration_since(Instant::now()))
     }
 
-    /// The pipelining client, if the target has one.
-    fn pipe(&self) -> Option<Arc<Pipe>> {
-        self.pipe.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
     /// Sends once within `deadline` on the pipelining client, or the hyper
     /// client (`https://`).
     async fn send_once(
         &self,
-        cfg: &crate::config::Target,
+        conf: &Conf,
         record: &crate::spool::Record,
         started: Instant,
-        deadline: Duration,
     ) -> Attempt {
-        match self.pipe() {
-            Some(pipe) => upstream::send_pipelined(&pipe, cfg, record, started, deadline).await,
+        let cfg = &conf.target;
+        match &conf.pipe {
+            Some(pipe) => upstream::send_pipelined(pipe, cfg, record, started, cfg.timeout).await,
             // Boxed: hyper's client and its future are large, and this path
             // (`https://`) should not size every copy's future.
-            None => Box::pin(self.send_unpipelined(cfg, record, deadline)).await,
+            None => Box::pin(self.send_unpipelined(conf, record)).await,
         }
     }
 
     /// Sends once on the hyper client (`https://`), unless shutdown abandons
     /// the live sends first.
-    async fn send_unpipelined(
-        &self,
-        cfg: &crate::config::Target,
-        record: &crate::spool::Record,
-        deadline: Duration,
-    ) -> Attempt {
-        let client = self.client();
+    async fn send_unpipelined(&self, conf: &Conf, record: &crate::spool::Record) -> Attempt {
         let abandoned = self.abandon.notified();
         tokio::pin!(abandoned);
         // Registered before the flag is read: an abandon in between is not
@@ -367,7 +365,7 @@ impl TargetRuntime {
             return abandoned_attempt();
         }
         tokio::select! {
-            a = upstream::send(&client, cfg, record, deadline) => a,
+            a = upstream::send(&conf.client, &conf.target, record, conf.target.timeout) => a,
             () = abandoned => abandoned_attempt(),
         }
     }
@@ -377,7 +375,7 @@ impl TargetRuntime {
     pub fn abandon_live(&self) {
         self.abandoned.store(true, Ordering::Release);
         self.abandon.notify_waiters();
-        if let Some(pipe) = self.pipe() {
+        if let Some(pipe) = &self.conf().pipe {
             pipe.abandon();
         }
     }
@@ -386,8 +384,7 @@ impl TargetRuntime {
     /// (when the request's copies were dispatched: one clock read for all
     /// of them), recording metrics.
     pub async fn send_live(&self, record: &crate::spool::Record, started: Instant) -> Attempt {
-        let cfg = self.config();
-        let attempt = self.send_once(&cfg, record, started, cfg.timeout).await;
+        let attempt = self.send_once(&self.conf(), record, started).await;
         self.series
             .latency_live
             .observe(started.elapsed().as_secs_f64());
@@ -672,7 +669,7 @@ impl TargetRuntime {
         };
         loop {
             while in_flight.len() < window && sent < batch.len() {
-                in_flight.push_back(self.replay_one(cfg, &batch[sent]));
+                in_flight.push_back(self.replay_one(&batch[sent]));
                 sent += 1;
             }
             let Some(attempt) = in_flight.next().await else {
@@ -707,10 +704,11 @@ impl TargetRuntime {
         outcome
     }
 
-    /// One replay attempt, counted.
-    async fn replay_one(&self, cfg: &Target, s: &Spooled) -> Attempt {
+    /// One replay attempt, counted, under the config in force when it is
+    /// sent (a reload in the middle of a batch applies to the rest of it).
+    async fn replay_one(&self, s: &Spooled) -> Attempt {
         let start = Instant::now();
-        let attempt = self.send_once(cfg, &s.record, start, cfg.timeout).await;
+        let attempt = self.send_once(&self.conf(), &s.record, start).await;
         self.series
             .latency_replay
             .observe(start.elapsed().as_secs_f64());

@@ -277,6 +277,16 @@ impl Daemon {
         d
     }
 
+    /// `forkd spool inspect`'s report on `target`'s spool directory.
+    pub fn inspect(&self, target: &str) -> forkd::spool::inspect::TargetReport {
+        let report = forkd::spool::inspect::inspect(&self.buffer_dir(), false).unwrap();
+        report
+            .targets
+            .into_iter()
+            .find(|t| t.name == target)
+            .unwrap_or_else(|| panic!("no spool for {target} in spool inspect"))
+    }
+
     pub fn buffer_dir(&self) -> PathBuf {
         self.dir.path().join("spool")
     }

@@ -277,13 +277,7 @@ async fn a_target_removed_by_reload_keeps_its_spool_on_disk_and_loses_its_metric
     let st = d.status().await;
     assert!(st["targets"].get("backup").is_none(), "{st}");
     assert!(d.buffer_dir().join("backup").is_dir());
-    let report = forkd::spool::inspect::inspect(&d.buffer_dir(), false).unwrap();
-    let b = report
-        .targets
-        .iter()
-        .find(|t| t.name == "backup")
-        .expect("backup spool");
-    assert_eq!(b.records, 2);
+    assert_eq!(d.inspect("backup").records, 2);
     assert_eq!(d.post("/x", "primary only").await.status, 200);
     assert_eq!(primary.received().len(), 3);
 
@@ -295,6 +289,105 @@ async fn a_target_removed_by_reload_keeps_its_spool_on_disk_and_loses_its_metric
     })
     .await;
     assert_eq!(bodies(&backup), ["kept-0", "kept-1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_moves_a_draining_target_sends_each_replay_with_one_configs_url_and_headers()
+{
+    // A reload in the middle of a replay batch: the rest of the batch goes
+    // to the new URL with the new headers, never to the new host with the
+    // old credentials (or the old `Host`).
+    let mut old = stopped_sink().await;
+    let new = sink().await;
+    let conf = |url: &str, token: &str| {
+        Conf::new().target("primary", url).target_line(
+            "primary",
+            &format!("headers = {{ Authorization = \"Bearer {token}\" }}"),
+        )
+    };
+    let d = Daemon::start(&conf(&old.url(), "old-token")).await;
+    for i in 0..40 {
+        assert_eq!(d.post("/r", format!("r{i}")).await.status, 202);
+    }
+    old.set_default(Behavior::Delay(std::time::Duration::from_millis(25), 200));
+    old.restart().await.unwrap();
+    wait_for("replays to reach the old URL", async || {
+        old.delivered_count() >= 3
+    })
+    .await;
+
+    d.reload(&conf(&new.url(), "new-token")).await.unwrap();
+    wait_for("the backlog to be delivered", async || {
+        d.target_status("primary").await["buffer_records"] == 0
+    })
+    .await;
+
+    let (at_old, at_new) = (old.received(), new.received());
+    assert!(
+        !at_new.is_empty(),
+        "the reload came after the whole backlog"
+    );
+    for r in &at_old {
+        assert_eq!(r.headers["authorization"], "Bearer old-token");
+    }
+    let new_host = new.addr().to_string();
+    for r in &at_new {
+        assert_eq!(
+            r.headers["authorization"], "Bearer new-token",
+            "a replay went to the new host with the old config's headers"
+        );
+        assert_eq!(r.headers["host"], new_host.as_str());
+    }
+    // Every record arrived, in order across the two hosts.
+    let mut all: Vec<String> = delivered_bodies(&old);
+    all.extend(delivered_bodies(&new));
+    all.dedup();
+    let expected: Vec<String> = (0..40).map(|i| format!("r{i}")).collect();
+    assert_eq!(all, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_removed_by_reload_keeps_its_spool_open_for_the_requests_in_flight() {
+    // The request in flight hangs at the primary (1 s timeout), so its copy
+    // is spooled there after the reload that removes the primary: it
+    // finishes under the routing it started with, and is not refused.
+    let hang = sink_with(Behavior::Hang).await;
+    let backup = sink().await;
+    let conf = Conf::new()
+        .target("primary", &hang.url())
+        .target_line("primary", "timeout = \"1s\"")
+        .target("backup", &backup.url());
+    let d = Daemon::start(&conf.clone().active_passive("primary")).await;
+    let in_flight = {
+        let client = d.client.clone();
+        let req = Request::post(d.url("/in-flight"))
+            .body(Full::new(Bytes::from("in flight")))
+            .unwrap();
+        tokio::spawn(async move { send(&client, req).await })
+    };
+    wait_for("the request to reach the primary", async || {
+        hang.received().len() == 1
+    })
+    .await;
+
+    d.reload(
+        &conf
+            .clone()
+            .remove_target("primary")
+            .active_passive("backup"),
+    )
+    .await
+    .unwrap();
+
+    let r = in_flight.await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(
+        d.inspect("primary").records,
+        1,
+        "the in-flight copy was not spooled"
+    );
+    assert_eq!(d.post("/after", "to the backup").await.status, 200);
+    assert_eq!(bodies(&backup), ["to the backup"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
