@@ -13,6 +13,8 @@ type Resp = Response<Full<Bytes>>;
 
 /// Largest admin request body.
 const MAX_ADMIN_BODY: usize = 64 << 10;
+/// How long `POST /admin/active` waits for its (small) body.
+const ADMIN_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,12 +58,21 @@ where
             if let Some(denied) = check_token(control, &req) {
                 return denied;
             }
-            let body = match Limited::new(req.into_body(), MAX_ADMIN_BODY)
-                .collect()
-                .await
-            {
-                Ok(b) => b.to_bytes(),
-                Err(e) => return text(StatusCode::BAD_REQUEST, format!("cannot read body: {e}\n")),
+            let read = Limited::new(req.into_body(), MAX_ADMIN_BODY).collect();
+            let body = match tokio::time::timeout(ADMIN_BODY_TIMEOUT, read).await {
+                Ok(Ok(b)) => b.to_bytes(),
+                Ok(Err(e)) => {
+                    return text(StatusCode::BAD_REQUEST, format!("cannot read body: {e}\n"));
+                }
+                // A request in the service keeps its connection from the
+                // idle sweep: a body that never comes must not hold an
+                // admin connection slot for ever.
+                Err(_) => {
+                    return text(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request body not received in time\n".into(),
+                    );
+                }
             };
             let parsed: SwitchRequest = match serde_json::from_slice(&body) {
                 Ok(p) => p,

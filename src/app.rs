@@ -29,6 +29,9 @@ pub const ROUTING_STATE_FILE: &str = "routing.state";
 /// At shutdown, how long requests whose live sends were given up get to
 /// spool their copies before the spools close.
 const SPOOL_AT_SHUTDOWN: Duration = Duration::from_secs(10);
+/// How long a reload that adds a target back waits for the spool of its
+/// earlier removal to close before it is refused.
+const READD_WAIT: Duration = Duration::from_secs(1);
 
 /// Errors that stop forkd from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -83,8 +86,11 @@ pub struct Control {
     pub metrics: Metrics,
     config_path: Option<PathBuf>,
     buffer_dir: PathBuf,
-    /// Every open target runtime by name (removed targets are closed).
+    /// Every configured target's runtime by name.
     runtimes: Mutex<BTreeMap<String, Arc<TargetRuntime>>>,
+    /// Targets removed by a reload whose spools stay open until the
+    /// requests that still hold them are done (see [`retire`]).
+    retiring: Arc<Mutex<Vec<Arc<TargetRuntime>>>>,
     /// Serializes reloads and switches.
     change: tokio::sync::Mutex<()>,
     ready: AtomicBool,
@@ -153,6 +159,13 @@ impl Control {
         }
     }
 
+    fn retiring(&self) -> Vec<Arc<TargetRuntime>> {
+        self.retiring
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn runtimes(&self) -> BTreeMap<String, Arc<TargetRuntime>> {
         self.runtimes
             .lock()
@@ -193,6 +206,16 @@ impl Control {
         };
         let config = Config::load(path).map_err(|e| e.to_string())?;
         let old = self.fork.routing();
+        // How long a request started under the old config may still run
+        // (its timeouts, read before this reload changes any).
+        let longest_request = {
+            let raw = &old.config.raw;
+            let longest_send = old.targets.iter().map(|t| t.config().timeout).max();
+            raw.server
+                .request_timeout
+                .saturating_add(longest_send.unwrap_or_default())
+                .saturating_add(raw.routing.secondary_wait)
+        };
         if config.raw.buffer.dir != old.config.raw.buffer.dir {
             return Err("buffer.dir: cannot change while running; restart forkd".into());
         }
@@ -241,6 +264,24 @@ impl Control {
                 None
             }
         };
+        // A target added back soon after its removal: its old spool closes
+        // once the requests that held it are done, which is usually at once.
+        let still_open = || {
+            self.retiring()
+                .iter()
+                .find(|rt| config.target(&rt.name).is_some())
+                .map(|rt| rt.name.clone())
+        };
+        let waited = tokio::time::Instant::now();
+        while let Some(name) = still_open() {
+            if waited.elapsed() >= READD_WAIT {
+                return Err(format!(
+                    "target {name}: removed by an earlier reload, its spool is still open for \
+                     requests in flight; reload again once they are done"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let mut runtimes = self.runtimes();
         let mut opened: Vec<Arc<TargetRuntime>> = Vec::new();
         for t in config
@@ -251,25 +292,28 @@ impl Control {
             match open_target(&config, t, &self.metrics).await {
                 Ok(rt) => opened.push(rt),
                 Err(e) => {
-                    let spools: Vec<Spool> = opened.iter().map(|rt| rt.spool.clone()).collect();
-                    for rt in opened {
-                        rt.forget_metrics();
-                    }
-                    let _ = tokio::task::spawn_blocking(move || {
-                        spools.into_iter().for_each(Spool::close)
-                    })
-                    .await;
+                    close_unused(opened).await;
                     return Err(e.to_string());
+                }
+            }
+        }
+        let mut prepared = Vec::new();
+        for t in &config.targets {
+            if let Some(rt) = runtimes.get(&t.name) {
+                match rt.prepare(t.clone()) {
+                    Ok(conf) => prepared.push((rt.clone(), conf)),
+                    Err(e) => {
+                        close_unused(opened).await;
+                        return Err(e);
+                    }
                 }
             }
         }
         if let (Some(source), Some(tls)) = (&self.tls, new_tls) {
             source.set(tls);
         }
-        for t in &config.targets {
-            if let Some(rt) = runtimes.get(&t.name) {
-                rt.reconfigure(t.clone(), config.raw.retry.clone());
-            }
+        for (rt, conf) in prepared {
+            rt.reconfigure(conf, config.raw.retry.clone());
         }
         for rt in opened {
             rt.start();
@@ -285,38 +329,33 @@ impl Control {
         *self.admin_token.lock().unwrap_or_else(|p| p.into_inner()) =
             config.raw.admin.token.clone();
         self.fork.set_routing(routing);
+        drop(old);
         let removed: Vec<Arc<TargetRuntime>> = removed
             .iter()
             .filter_map(|name| runtimes.remove(name))
             .collect();
+        *self.runtimes.lock().unwrap_or_else(|p| p.into_inner()) = runtimes;
+        if removed.is_empty() {
+            return Ok(());
+        }
         for rt in &removed {
             tracing::warn!(
                 target = %rt.name,
                 "target removed from the config; its spool stays on disk (see forkd spool inspect)"
             );
             rt.stop().await;
-        }
-        if !removed.is_empty() {
-            // Requests in flight finish under the routing they started
-            // with, so a removed target's spool stays open for their copies
-            // until they are done (or could no longer be running).
-            let old_cfg = &old.config.raw;
-            let longest_send = old.targets.iter().map(|t| t.config().timeout).max();
-            let bound = old_cfg
-                .server
-                .request_timeout
-                .saturating_add(longest_send.unwrap_or_default())
-                .saturating_add(old_cfg.routing.secondary_wait);
-            until_sole_owner(&old, bound).await;
-        }
-        drop(old);
-        for rt in removed {
             rt.forget_metrics();
-            let spool = rt.spool.clone();
-            drop(rt);
-            let _ = tokio::task::spawn_blocking(move || spool.close()).await;
         }
-        *self.runtimes.lock().unwrap_or_else(|p| p.into_inner()) = runtimes;
+        // Requests in flight finish under the routing they started with:
+        // a removed target's spool stays open for their copies, and is
+        // closed off the reload's path (a reload, a switch or a shutdown
+        // does not wait for it).
+        let names: Vec<String> = removed.iter().map(|rt| rt.name.clone()).collect();
+        self.retiring
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(removed);
+        tokio::spawn(retire(self.retiring.clone(), names, longest_request));
         Ok(())
     }
 
@@ -344,21 +383,29 @@ impl Control {
     pub async fn clear_switch(&self) -> Result<(), SwitchError> {
         let _guard = self.change.lock().await;
         let path = self.buffer_dir.join(ROUTING_STATE_FILE);
-        match std::fs::remove_file(&path) {
-            // The removal made durable: after a power loss the switch must
-            // not come back.
-            Ok(()) => std::fs::File::open(&self.buffer_dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| SwitchError::Save(e.to_string()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        let removed = match std::fs::remove_file(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(SwitchError::Save(e.to_string())),
-        }
+        };
+        // The file is gone: the routing follows it whatever comes next.
         let routing = self.fork.routing();
         let runtimes = self.runtimes();
         self.fork.set_routing(Arc::new(
             self.routing_for(routing.config.clone(), &runtimes),
         ));
         tracing::warn!("admin switch cleared; routing.active applies");
+        if removed {
+            // The removal made durable: after a power loss the switch must
+            // not come back.
+            std::fs::File::open(&self.buffer_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| {
+                    SwitchError::Save(format!(
+                        "switch cleared, but syncing the directory failed: {e}"
+                    ))
+                })?;
+        }
         Ok(())
     }
 
@@ -423,7 +470,7 @@ impl Control {
             requests = self.fork.in_flight(),
             "shutdown_timeout passed with requests in flight; spooling their undelivered copies"
         );
-        for rt in self.runtimes().values() {
+        for rt in self.runtimes().values().chain(self.retiring().iter()) {
             rt.abandon_live();
         }
         let until = tokio::time::Instant::now() + SPOOL_AT_SHUTDOWN;
@@ -446,12 +493,19 @@ impl Control {
     }
 
     async fn close_all(&self) {
-        let runtimes =
-            std::mem::take(&mut *self.runtimes.lock().unwrap_or_else(|p| p.into_inner()));
-        for rt in runtimes.values() {
+        let mut runtimes: Vec<Arc<TargetRuntime>> =
+            std::mem::take(&mut *self.runtimes.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_values()
+                .collect();
+        // Removed targets still open (their `retire` task closes a spool
+        // a second time harmlessly).
+        runtimes.extend(std::mem::take(
+            &mut *self.retiring.lock().unwrap_or_else(|p| p.into_inner()),
+        ));
+        for rt in &runtimes {
             rt.stop().await;
         }
-        let spools: Vec<Spool> = runtimes.values().map(|rt| rt.spool.clone()).collect();
+        let spools: Vec<Spool> = runtimes.iter().map(|rt| rt.spool.clone()).collect();
         drop(runtimes);
         let _ = tokio::task::spawn_blocking(move || {
             for s in spools {
@@ -471,13 +525,44 @@ pub enum SwitchError {
     Save(String),
 }
 
-/// Waits until `shared` has no owner but the caller (every request that
-/// took it has finished), or until `bound` has passed.
-async fn until_sole_owner<T>(shared: &Arc<T>, bound: Duration) {
+/// Closes the runtimes a refused reload opened (nothing uses them yet).
+async fn close_unused(opened: Vec<Arc<TargetRuntime>>) {
+    let spools: Vec<Spool> = opened.iter().map(|rt| rt.spool.clone()).collect();
+    for rt in opened {
+        rt.forget_metrics();
+    }
+    let _ = tokio::task::spawn_blocking(move || spools.into_iter().for_each(Spool::close)).await;
+}
+
+/// Closes the spools of the removed targets `names` (held in `retiring`)
+/// once nothing else holds their runtimes (every request and copy that
+/// took one has finished), or once `bound` has passed.
+async fn retire(
+    retiring: Arc<Mutex<Vec<Arc<TargetRuntime>>>>,
+    names: Vec<String>,
+    bound: Duration,
+) {
     let start = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(20));
-    while Arc::strong_count(shared) > 1 && start.elapsed() < bound {
+    loop {
         tick.tick().await;
+        let over = start.elapsed() >= bound;
+        let (done, left): (Vec<_>, Vec<_>) = {
+            let mut list = retiring.lock().unwrap_or_else(|p| p.into_inner());
+            let (done, keep) = std::mem::take(&mut *list)
+                .into_iter()
+                .partition(|rt| names.contains(&rt.name) && (over || Arc::strong_count(rt) == 1));
+            *list = keep;
+            (done, list.iter().map(|rt| rt.name.clone()).collect())
+        };
+        for rt in done {
+            let spool = rt.spool.clone();
+            drop(rt);
+            let _ = tokio::task::spawn_blocking(move || spool.close()).await;
+        }
+        if !names.iter().any(|n| left.contains(n)) {
+            return;
+        }
     }
 }
 
@@ -618,6 +703,7 @@ pub async fn start_on(
         config_path,
         buffer_dir,
         runtimes: Mutex::new(BTreeMap::new()),
+        retiring: Arc::default(),
         change: tokio::sync::Mutex::new(()),
         ready: AtomicBool::new(false),
         admin_token: Mutex::new(config.raw.admin.token.clone()),

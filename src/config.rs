@@ -570,17 +570,27 @@ impl RawConfig {
                 p.push(format!("server.tls: {e}"));
             }
         }
+        // A presented token is trimmed (header values are), so one with
+        // spaces around it could never match: every request would be refused.
+        let token_ok = |t: &str| {
+            !t.is_empty() && t.trim() == t && HeaderValue::from_str(&format!("Bearer {t}")).is_ok()
+        };
         for (i, t) in self.server.auth_tokens.iter().enumerate() {
-            if t.is_empty() || HeaderValue::from_str(&format!("Bearer {t}")).is_err() {
+            if !token_ok(t) {
                 p.push(format!(
-                    "server.auth_tokens[{i}]: must be a non-empty header-safe string"
+                    "server.auth_tokens[{i}]: must be a non-empty header-safe string without \
+                     spaces around it"
                 ));
             }
         }
         if let Some(tok) = &self.admin.token
-            && tok.is_empty()
+            && !token_ok(tok)
         {
-            p.push("admin.token: must not be empty (remove the key to disable it)".into());
+            p.push(
+                "admin.token: must be a non-empty header-safe string without spaces around it \
+                 (remove the key to disable it)"
+                    .into(),
+            );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             p.push(format!("log.level: {e}"));

@@ -182,13 +182,13 @@ impl Fork {
         }
     }
 
-    /// The routing in force.
     /// The bytes of request bodies held at once (`max_inflight_bytes` as
     /// forkd started: a reload does not change it).
     pub fn budget_bytes(&self) -> u64 {
         self.budget.capacity_bytes()
     }
 
+    /// The routing in force.
     pub fn routing(&self) -> Arc<Routing> {
         self.routing
             .read()

@@ -254,6 +254,9 @@ struct Activity {
     done: AtomicU64,
     /// Writes that sent bytes.
     writes: AtomicU64,
+    /// The connection speaks HTTP/2: its writes are not progress (see
+    /// [`Graceful::sweep`]).
+    http2: AtomicBool,
     /// Set by the sweeper: the connection is closed at its next poll.
     expired: AtomicBool,
     /// When the next request's first byte came ([`epoch`] nanoseconds + 1;
@@ -303,9 +306,10 @@ impl Drop for InService {
 const SWEEPS_PER_TIMEOUT: u32 = 4;
 
 /// `header_read_timeout`: closes connections that, for a whole timeout, had
-/// no request in the service, started none and wrote nothing: a client
-/// idle between requests, or one trickling a request head (bytes received
-/// without a complete head do not count). A request in the service is
+/// no request in the service, started none and (HTTP/1.1) wrote nothing: a
+/// client idle between requests, or one trickling a request head (bytes
+/// received without a complete head do not count), or an HTTP/2 peer that
+/// opens no stream, however often it pings. A request in the service is
 /// bounded by `request_timeout` and the targets' timeouts instead.
 async fn sweep(graceful: std::sync::Weak<Graceful>, timeout: Duration) {
     let period = (timeout / SWEEPS_PER_TIMEOUT).max(Duration::from_millis(10));
@@ -348,7 +352,16 @@ impl Graceful {
                 let a = &w.activity;
                 let started = a.started.load(Ordering::Relaxed);
                 let busy = started != a.done.load(Ordering::Relaxed);
-                let now = (started, a.writes.load(Ordering::Relaxed));
+                // HTTP/2 writes PING and SETTINGS acknowledgements (and its
+                // own keep-alive PINGs): a peer that opens no stream and
+                // pings would otherwise hold its slot for ever. Only its
+                // requests count.
+                let writes = if a.http2.load(Ordering::Relaxed) {
+                    0
+                } else {
+                    a.writes.load(Ordering::Relaxed)
+                };
+                let now = (started, writes);
                 if busy || now != w.seen {
                     w.seen = now;
                     w.idle_sweeps = 0;
@@ -503,6 +516,7 @@ where
             let http1 = prefix.as_slice() != H2_PREFACE;
             if !http1 {
                 activity.take_head_started();
+                activity.http2.store(true, Ordering::Relaxed);
             }
             Ok(Prefixed {
                 prefix,

@@ -72,6 +72,8 @@ pub struct Conf {
 pub struct TargetRuntime {
     pub name: String,
     conf: RwLock<Arc<Conf>>,
+    /// Pipes a reload replaced that live sends may still be using.
+    replaced_pipes: Mutex<Vec<std::sync::Weak<Pipe>>>,
     retry: RwLock<RetryConfig>,
     /// This target's metric series, looked up once.
     series: Series,
@@ -130,6 +132,7 @@ impl TargetRuntime {
         let rt = Arc::new(TargetRuntime {
             name: target.name.clone(),
             series,
+            replaced_pipes: Mutex::new(Vec::new()),
             conf: RwLock::new(Arc::new(Conf {
                 pipe: upstream::pipe(&target),
                 client,
@@ -180,23 +183,47 @@ impl TargetRuntime {
         self.conf.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Applies a reloaded config: headers and query take effect at the next
-    /// send, live or replay. Spool settings other than the bound take effect at restart.
-    pub fn reconfigure(&self, target: Target, retry: RetryConfig) {
-        let old_conf = self.conf();
-        let old = &old_conf.target;
-        let (client, pipe) = if old.base != target.base
-            || old.connect_timeout != target.connect_timeout
-            || old.ca_certs != target.ca_certs
+    /// The config and clients a reload would put in force for `target`:
+    /// new clients when the URL, `connect_timeout` or CA changed, else the
+    /// ones in use. Fails (and the reload is refused) when the new client
+    /// cannot be made.
+    pub fn prepare(&self, target: Target) -> Result<Conf, String> {
+        let old = self.conf();
+        let (client, pipe) = if old.target.base != target.base
+            || old.target.connect_timeout != target.connect_timeout
+            || old.target.ca_certs != target.ca_certs
         {
-            let client = upstream::client(&target).unwrap_or_else(|e| {
-                tracing::error!(target = %self.name, error = %e, "cannot rebuild the client; keeping the old one");
-                old_conf.client.clone()
-            });
+            let client =
+                upstream::client(&target).map_err(|e| format!("target {}: {e}", self.name))?;
             (client, upstream::pipe(&target))
         } else {
-            (old_conf.client.clone(), old_conf.pipe.clone())
+            (old.client.clone(), old.pipe.clone())
         };
+        Ok(Conf {
+            target: Arc::new(target),
+            client,
+            pipe,
+        })
+    }
+
+    /// Applies a reloaded config made by [`TargetRuntime::prepare`]:
+    /// headers and query take effect at the next send, live or replay.
+    /// Spool settings other than the bound take effect at restart.
+    pub fn reconfigure(&self, new: Conf, retry: RetryConfig) {
+        let old_conf = self.conf();
+        let old = &old_conf.target;
+        let target = &*new.target;
+        if let Some(old_pipe) = &old_conf.pipe
+            && !new.pipe.as_ref().is_some_and(|p| Arc::ptr_eq(p, old_pipe))
+        {
+            // Its sends still running are given up at shutdown too.
+            let mut replaced = self
+                .replaced_pipes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            replaced.retain(|w| w.strong_count() > 0);
+            replaced.push(Arc::downgrade(old_pipe));
+        }
         let restart_only =
             |o: &crate::spool::SpoolOptions| (o.fsync, o.segment_size, o.rejected_max_size);
         if restart_only(&old.spool) != restart_only(&target.spool) {
@@ -212,11 +239,7 @@ impl TargetRuntime {
             same_role.spool.when_full = old.spool.when_full;
             **old != same_role || *self.retry.read().unwrap_or_else(|p| p.into_inner()) != retry
         };
-        *self.conf.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Conf {
-            target: Arc::new(target),
-            client,
-            pipe,
-        });
+        *self.conf.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
         *self.retry.write().unwrap_or_else(|p| p.into_inner()) = retry;
         // Wake the worker so a backoff computed under the old settings ends
         // (a fixed URL or a rotated token is tried at once). A reload that
@@ -376,6 +399,15 @@ impl TargetRuntime {
         self.abandoned.store(true, Ordering::Release);
         self.abandon.notify_waiters();
         if let Some(pipe) = &self.conf().pipe {
+            pipe.abandon();
+        }
+        for pipe in self
+            .replaced_pipes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+        {
             pipe.abandon();
         }
     }
@@ -1131,26 +1163,30 @@ mod tests {
             Ok(Config::from_text(&text, ConfigFormat::Toml, |_| None, [])?)
         };
         let primary = |c: &Config| c.target("primary").cloned().ok_or("no primary");
+        let reconfigure = |c: &Config, retry: RetryConfig| -> TestResult {
+            t.reconfigure(t.prepare(primary(c)?)?, retry);
+            Ok(())
+        };
         let (as_active, as_passive) = (load("primary", "5s")?, load("backup", "5s")?);
         assert_ne!(
             primary(&as_active)?.spool.when_full,
             primary(&as_passive)?.spool.when_full
         );
-        t.reconfigure(primary(&as_active)?, as_active.raw.retry.clone());
+        reconfigure(&as_active, as_active.raw.retry.clone())?;
         let mut woken = t.stop.subscribe();
-        t.reconfigure(primary(&as_active)?, as_active.raw.retry.clone());
-        t.reconfigure(primary(&as_passive)?, as_passive.raw.retry.clone());
+        reconfigure(&as_active, as_active.raw.retry.clone())?;
+        reconfigure(&as_passive, as_passive.raw.retry.clone())?;
         assert!(
             !woken.has_changed()?,
             "a reload that changed nothing ended the pause"
         );
         let slower = load("backup", "7s")?;
-        t.reconfigure(primary(&slower)?, slower.raw.retry.clone());
+        reconfigure(&slower, slower.raw.retry.clone())?;
         assert!(woken.has_changed()?, "a changed target kept its pause");
         let mut retry = slower.raw.retry.clone();
         retry.max_backoff += Duration::from_secs(1);
         woken.borrow_and_update();
-        t.reconfigure(primary(&slower)?, retry);
+        reconfigure(&slower, retry)?;
         assert!(woken.has_changed()?, "a changed [retry] kept the pause");
         Ok(())
     }

@@ -484,6 +484,25 @@ fn every_unset_variable_is_reported() {
     assert_has_line(&err.problems, "admin.token: ");
 }
 
+#[test]
+fn a_token_with_spaces_around_it_is_refused_since_it_could_never_match() {
+    // A presented bearer token is trimmed like any header value.
+    let text = BASE.replace(
+        "listen = \"127.0.0.1:18080\"",
+        "listen = \"127.0.0.1:18080\"\nauth_tokens = [\"ingest-secret \"]",
+    );
+    assert_ne!(text, BASE);
+    let line = one_problem(&text);
+    assert!(line.starts_with("server.auth_tokens[0]: "), "{line}");
+    let text = BASE.replace(
+        "listen = \"127.0.0.1:19464\"",
+        "listen = \"127.0.0.1:19464\"\ntoken = \" admin-secret\"",
+    );
+    assert_ne!(text, BASE);
+    let line = one_problem(&text);
+    assert!(line.starts_with("admin.token: "), "{line}");
+}
+
 // ---------------------------------------------------------------- unknown keys
 
 #[test]

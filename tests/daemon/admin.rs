@@ -356,3 +356,20 @@ async fn failed_attempts_are_counted_by_reason() {
         assert_eq!(d.target_result(target, "spooled").await, 1.0, "{target}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_post_whose_body_never_comes_gets_408_instead_of_holding_its_connection() {
+    // A request in the service keeps its connection from the idle sweep;
+    // the admin listener has few connection slots.
+    let d = Daemon::start(&Conf::new().target("primary", &sink().await.url())).await;
+    let mut s = connect(d.running().admin_addr).await;
+    write_all(
+        &mut s,
+        b"POST /admin/active HTTP/1.1\r\nHost: forkd\r\nContent-Length: 20\r\n\r\n{",
+    )
+    .await;
+    let mut buf = Vec::new();
+    let head = read_head(&mut s, &mut buf).await;
+    assert_eq!(head_status(&head), 408, "{head}");
+    assert_eq!(d.status().await["active"], "primary");
+}

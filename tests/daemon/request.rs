@@ -565,8 +565,7 @@ async fn a_reload_refuses_a_max_body_size_larger_than_the_in_flight_budget_in_fo
     let r = d.post("/big", body_of("big", 128 << 10)).await;
     assert_eq!(r.status, 413, "{}", r.text());
     assert!(primary.received().is_empty());
-    // Raising both and lowering nothing else is fine after a restart; a
-    // reload within the budget is accepted.
+    // A reload whose max_body_size fits the budget in force is accepted.
     d.reload(&conf.clone().server("request_timeout = \"20s\""))
         .await
         .unwrap();
@@ -1405,6 +1404,82 @@ async fn a_request_whose_target_answers_after_header_read_timeout_is_answered_on
         assert_eq!(head_status(&head), 200, "{path}: {head}");
     }
     assert_eq!(primary.delivered().len(), 2);
+}
+
+/// An HTTP/2 peer that opens no stream: it acknowledges forkd's SETTINGS
+/// and PINGs (so forkd's keep-alive sees a live peer) and sends a PING of
+/// its own every `every`. `true` if forkd closed the connection within
+/// `within`.
+async fn closed_while_pinging(
+    s: &mut tokio::net::TcpStream,
+    every: std::time::Duration,
+    within: std::time::Duration,
+) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // PING: length 8, type 6, no flags, stream 0, 8 bytes of opaque data.
+    const PING: [u8; 17] = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut tick = tokio::time::interval(every);
+    tokio::time::timeout(within, async {
+        loop {
+            tokio::select! {
+                r = s.read(&mut chunk) => match r {
+                    Ok(0) | Err(_) => return true,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                },
+                _ = tick.tick() => {
+                    if s.write_all(&PING).await.is_err() {
+                        return true;
+                    }
+                }
+            }
+            // Whole frames: acknowledge SETTINGS (4) and PING (6).
+            while buf.len() >= 9 {
+                let len =
+                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let (kind, flags) = (buf[3], buf[4]);
+                let mut ack = Vec::new();
+                if kind == 4 && flags & 1 == 0 {
+                    ack.extend_from_slice(&[0, 0, 0, 4, 1, 0, 0, 0, 0]);
+                } else if kind == 6 && flags & 1 == 0 {
+                    ack.extend_from_slice(&[0, 0, 8, 6, 1, 0, 0, 0, 0]);
+                    ack.extend_from_slice(&buf[9..9 + len]);
+                }
+                buf.drain(..9 + len);
+                if !ack.is_empty() && s.write_all(&ack).await.is_err() {
+                    return true;
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_that_opens_no_stream_is_closed_however_often_it_pings() {
+    // PING and SETTINGS frames make forkd write (their acknowledgements),
+    // but they are not requests: a peer that only pings must not hold one
+    // of `max_connections` for ever.
+    let (primary, d) = primary_only(&["header_read_timeout = \"300ms\""]).await;
+    let mut s = connect(d.running().addr).await;
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
+    write_all(&mut s, &hello).await;
+
+    let closed = closed_while_pinging(
+        &mut s,
+        std::time::Duration::from_millis(50),
+        std::time::Duration::from_secs(20),
+    )
+    .await;
+
+    assert!(closed, "a connection that only pings was kept open");
+    assert!(primary.received().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

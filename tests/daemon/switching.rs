@@ -348,14 +348,14 @@ async fn a_reload_that_moves_a_draining_target_sends_each_replay_with_one_config
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_removed_by_reload_keeps_its_spool_open_for_the_requests_in_flight() {
-    // The request in flight hangs at the primary (1 s timeout), so its copy
+    // The request in flight hangs at the primary (3 s timeout), so its copy
     // is spooled there after the reload that removes the primary: it
     // finishes under the routing it started with, and is not refused.
     let hang = sink_with(Behavior::Hang).await;
     let backup = sink().await;
     let conf = Conf::new()
         .target("primary", &hang.url())
-        .target_line("primary", "timeout = \"1s\"")
+        .target_line("primary", "timeout = \"3s\"")
         .target("backup", &backup.url());
     let d = Daemon::start(&conf.clone().active_passive("primary")).await;
     let in_flight = {
@@ -378,6 +378,11 @@ async fn a_target_removed_by_reload_keeps_its_spool_open_for_the_requests_in_fli
     )
     .await
     .unwrap();
+    // The reload does not wait for it (nor would a shutdown or a switch).
+    assert!(
+        !in_flight.is_finished(),
+        "the reload waited for the request in flight"
+    );
 
     let r = in_flight.await.unwrap();
     assert_eq!(r.status, 202, "{}", r.text());
