@@ -338,7 +338,17 @@ impl Control {
         if removed.is_empty() {
             return Ok(());
         }
-        for rt in &removed {
+        // Requests in flight finish under the routing they started with:
+        // a removed target's spool stays open for their copies, and is
+        // closed off the reload's path (a reload, a switch or a shutdown
+        // does not wait for it). Listed before anything else, so a
+        // shutdown always finds it in one list or the other.
+        let ids: Vec<usize> = removed.iter().map(runtime_id).collect();
+        self.retiring
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(removed.iter().cloned());
+        for rt in removed {
             tracing::warn!(
                 target = %rt.name,
                 "target removed from the config; its spool stays on disk (see forkd spool inspect)"
@@ -346,16 +356,7 @@ impl Control {
             rt.stop().await;
             rt.forget_metrics();
         }
-        // Requests in flight finish under the routing they started with:
-        // a removed target's spool stays open for their copies, and is
-        // closed off the reload's path (a reload, a switch or a shutdown
-        // does not wait for it).
-        let names: Vec<String> = removed.iter().map(|rt| rt.name.clone()).collect();
-        self.retiring
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(removed);
-        tokio::spawn(retire(self.retiring.clone(), names, longest_request));
+        tokio::spawn(retire(self.retiring.clone(), ids, longest_request));
         Ok(())
     }
 
@@ -497,8 +498,9 @@ impl Control {
             std::mem::take(&mut *self.runtimes.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_values()
                 .collect();
-        // Removed targets still open (their `retire` task closes a spool
-        // a second time harmlessly).
+        // Removed targets whose spools are still open: taken from their
+        // `retire` task, which ends when it finds them gone (a spool it is
+        // closing at this moment is closed twice, which is harmless).
         runtimes.extend(std::mem::take(
             &mut *self.retiring.lock().unwrap_or_else(|p| p.into_inner()),
         ));
@@ -534,12 +536,19 @@ async fn close_unused(opened: Vec<Arc<TargetRuntime>>) {
     let _ = tokio::task::spawn_blocking(move || spools.into_iter().for_each(Spool::close)).await;
 }
 
-/// Closes the spools of the removed targets `names` (held in `retiring`)
-/// once nothing else holds their runtimes (every request and copy that
-/// took one has finished), or once `bound` has passed.
+/// A runtime's identity (its address), for [`retire`].
+fn runtime_id(rt: &Arc<TargetRuntime>) -> usize {
+    Arc::as_ptr(rt) as usize
+}
+
+/// Closes the spools of the removed runtimes `ids` (held in `retiring`)
+/// once nothing else holds them (every request and copy that took one has
+/// finished), or once `bound` has passed. A runtime leaves `retiring` only
+/// after its spool is closed (its directory lock released), so a reload
+/// that adds the target back and waits for it to leave can open it.
 async fn retire(
     retiring: Arc<Mutex<Vec<Arc<TargetRuntime>>>>,
-    names: Vec<String>,
+    mut ids: Vec<usize>,
     bound: Duration,
 ) {
     let start = tokio::time::Instant::now();
@@ -547,22 +556,31 @@ async fn retire(
     loop {
         tick.tick().await;
         let over = start.elapsed() >= bound;
-        let (done, left): (Vec<_>, Vec<_>) = {
-            let mut list = retiring.lock().unwrap_or_else(|p| p.into_inner());
-            let (done, keep) = std::mem::take(&mut *list)
-                .into_iter()
-                .partition(|rt| names.contains(&rt.name) && (over || Arc::strong_count(rt) == 1));
-            *list = keep;
-            (done, list.iter().map(|rt| rt.name.clone()).collect())
+        let (done, spools, left): (Vec<usize>, Vec<Spool>, bool) = {
+            let list = retiring.lock().unwrap_or_else(|p| p.into_inner());
+            let mine = || list.iter().filter(|rt| ids.contains(&runtime_id(rt)));
+            let (done, spools) = mine()
+                .filter(|rt| over || Arc::strong_count(rt) == 1)
+                .map(|rt| (runtime_id(rt), rt.spool.clone()))
+                .unzip();
+            (done, spools, mine().next().is_some())
         };
-        for rt in done {
-            let spool = rt.spool.clone();
-            drop(rt);
-            let _ = tokio::task::spawn_blocking(move || spool.close()).await;
-        }
-        if !names.iter().any(|n| left.contains(n)) {
+        if !left {
+            // Shutdown took them (and closes them).
             return;
         }
+        if done.is_empty() {
+            continue;
+        }
+        let _ =
+            tokio::task::spawn_blocking(move || spools.into_iter().for_each(Spool::close)).await;
+        retiring
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|rt| !done.contains(&runtime_id(rt)));
+        // Forgotten once closed: a later runtime at the same address is
+        // not this task's.
+        ids.retain(|id| !done.contains(id));
     }
 }
 

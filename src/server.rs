@@ -154,7 +154,7 @@ pub async fn serve<H, F, RB>(
                 // Made here and finished with `map`: an `async` block would
                 // hold the request, or the handler's future, a second time.
                 handler(req, RequestInfo { remote, started }).map(move |resp| {
-                    drop(in_service);
+                    in_service.answered(resp.body().size_hint().lower());
                     Ok::<_, Infallible>(resp)
                 })
             })
@@ -252,11 +252,14 @@ struct Activity {
     started: AtomicU64,
     /// Requests whose service future ended (answered or dropped).
     done: AtomicU64,
-    /// Writes that sent bytes.
-    writes: AtomicU64,
-    /// The connection speaks HTTP/2: its writes are not progress (see
-    /// [`Graceful::sweep`]).
+    /// Bytes written.
+    written: AtomicU64,
+    /// The connection speaks HTTP/2: its writes are progress only while
+    /// answers are still being sent (see [`Graceful::sweep`]).
     http2: AtomicBool,
+    /// HTTP/2: bytes of the answers handed to hyper, with an allowance
+    /// for their framing; answers are being sent while `written` is below.
+    to_write: AtomicU64,
     /// Set by the sweeper: the connection is closed at its next poll.
     expired: AtomicBool,
     /// When the next request's first byte came ([`epoch`] nanoseconds + 1;
@@ -293,7 +296,20 @@ impl InService {
         activity.started.fetch_add(1, Ordering::Relaxed);
         InService(activity)
     }
+
+    /// The request leaves the service with an answer of `body` bytes.
+    fn answered(self, body: u64) {
+        let a = &self.0;
+        if a.http2.load(Ordering::Relaxed) {
+            a.to_write
+                .fetch_add(body.saturating_add(H2_FRAMING_ALLOWANCE), Ordering::Relaxed);
+        }
+    }
 }
+
+/// Bytes of HTTP/2 framing (HEADERS, DATA frame heads) allowed per answer
+/// when the sweeper tells whether answers are still being sent.
+const H2_FRAMING_ALLOWANCE: u64 = 1024;
 
 impl Drop for InService {
     fn drop(&mut self) {
@@ -354,12 +370,16 @@ impl Graceful {
                 let busy = started != a.done.load(Ordering::Relaxed);
                 // HTTP/2 writes PING and SETTINGS acknowledgements (and its
                 // own keep-alive PINGs): a peer that opens no stream and
-                // pings would otherwise hold its slot for ever. Only its
-                // requests count.
-                let writes = if a.http2.load(Ordering::Relaxed) {
+                // pings would otherwise hold its slot for ever. Its writes
+                // count only while answers are still being sent to it (the
+                // peer's PINGs can only make that end sooner).
+                let written = a.written.load(Ordering::Relaxed);
+                let writes = if a.http2.load(Ordering::Relaxed)
+                    && written >= a.to_write.load(Ordering::Relaxed)
+                {
                     0
                 } else {
-                    a.writes.load(Ordering::Relaxed)
+                    written
                 };
                 let now = (started, writes);
                 if busy || now != w.seen {
@@ -552,7 +572,9 @@ impl<S> Prefixed<S> {
         if let Poll::Ready(Ok(n)) = &r
             && *n > 0
         {
-            self.activity.writes.fetch_add(1, Ordering::Relaxed);
+            self.activity
+                .written
+                .fetch_add(*n as u64, Ordering::Relaxed);
         }
         r
     }

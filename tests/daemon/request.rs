@@ -1406,58 +1406,88 @@ async fn a_request_whose_target_answers_after_header_read_timeout_is_answered_on
     assert_eq!(primary.delivered().len(), 2);
 }
 
-/// An HTTP/2 peer that opens no stream: it acknowledges forkd's SETTINGS
-/// and PINGs (so forkd's keep-alive sees a live peer) and sends a PING of
-/// its own every `every`. `true` if forkd closed the connection within
-/// `within`.
-async fn closed_while_pinging(
-    s: &mut tokio::net::TcpStream,
-    every: std::time::Duration,
-    within: std::time::Duration,
-) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // PING: length 8, type 6, no flags, stream 0, 8 bytes of opaque data.
-    const PING: [u8; 17] = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
-    let mut buf: Vec<u8> = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let mut tick = tokio::time::interval(every);
-    tokio::time::timeout(within, async {
+/// A raw HTTP/2 peer on a plain connection to forkd: it sends the preface
+/// and `settings`, acknowledges forkd's SETTINGS and PINGs (so forkd's
+/// keep-alive sees a live peer), and reports the DATA it receives.
+struct H2Peer {
+    s: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+/// What [`H2Peer::next`] saw.
+#[derive(Debug, PartialEq)]
+enum H2Seen {
+    /// DATA on a stream: its length, and whether it ended the stream.
+    Data(usize, bool),
+    /// GOAWAY, or the connection closed.
+    Closed,
+    /// Nothing worth reporting (acknowledged, or another frame).
+    Other,
+}
+
+impl H2Peer {
+    async fn open(addr: std::net::SocketAddr, settings: &[u8]) -> H2Peer {
+        let mut s = connect(addr).await;
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend_from_slice(&frame_head(settings.len(), 4, 0, 0));
+        hello.extend_from_slice(settings);
+        write_all(&mut s, &hello).await;
+        H2Peer { s, buf: Vec::new() }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> bool {
+        use tokio::io::AsyncWriteExt;
+        self.s.write_all(bytes).await.is_ok()
+    }
+
+    /// The next frame, read whole; forkd's SETTINGS and PINGs are
+    /// acknowledged on the way.
+    async fn next(&mut self) -> H2Seen {
+        use tokio::io::AsyncReadExt;
         loop {
-            tokio::select! {
-                r = s.read(&mut chunk) => match r {
-                    Ok(0) | Err(_) => return true,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                },
-                _ = tick.tick() => {
-                    if s.write_all(&PING).await.is_err() {
-                        return true;
-                    }
+            if self.buf.len() >= 9 {
+                let b = &self.buf;
+                let len = usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]);
+                if b.len() >= 9 + len {
+                    let (kind, flags) = (b[3], b[4]);
+                    let frame: Vec<u8> = self.buf.drain(..9 + len).collect();
+                    let unacked = flags & 1 == 0;
+                    let seen = match kind {
+                        // END_STREAM is DATA's flag 1.
+                        0 => H2Seen::Data(len, flags & 1 == 1),
+                        4 if unacked => {
+                            let ok = self.send(&frame_head(0, 4, 1, 0)).await;
+                            if ok { H2Seen::Other } else { H2Seen::Closed }
+                        }
+                        6 if unacked => {
+                            let mut pong = frame_head(8, 6, 1, 0).to_vec();
+                            pong.extend_from_slice(&frame[9..]);
+                            if self.send(&pong).await {
+                                H2Seen::Other
+                            } else {
+                                H2Seen::Closed
+                            }
+                        }
+                        7 => H2Seen::Closed,
+                        _ => H2Seen::Other,
+                    };
+                    return seen;
                 }
             }
-            // Whole frames: acknowledge SETTINGS (4) and PING (6).
-            while buf.len() >= 9 {
-                let len =
-                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
-                if buf.len() < 9 + len {
-                    break;
-                }
-                let (kind, flags) = (buf[3], buf[4]);
-                let mut ack = Vec::new();
-                if kind == 4 && flags & 1 == 0 {
-                    ack.extend_from_slice(&[0, 0, 0, 4, 1, 0, 0, 0, 0]);
-                } else if kind == 6 && flags & 1 == 0 {
-                    ack.extend_from_slice(&[0, 0, 8, 6, 1, 0, 0, 0, 0]);
-                    ack.extend_from_slice(&buf[9..9 + len]);
-                }
-                buf.drain(..9 + len);
-                if !ack.is_empty() && s.write_all(&ack).await.is_err() {
-                    return true;
-                }
+            let mut chunk = [0u8; 16384];
+            match self.s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return H2Seen::Closed,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
             }
         }
-    })
-    .await
-    .unwrap_or(false)
+    }
+}
+
+/// An HTTP/2 frame head: length, type, flags, stream.
+fn frame_head(len: usize, kind: u8, flags: u8, stream: u32) -> [u8; 9] {
+    let l = u32::try_from(len).unwrap().to_be_bytes();
+    let st = stream.to_be_bytes();
+    [l[1], l[2], l[3], kind, flags, st[0], st[1], st[2], st[3]]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1465,21 +1495,86 @@ async fn an_http2_connection_that_opens_no_stream_is_closed_however_often_it_pin
     // PING and SETTINGS frames make forkd write (their acknowledgements),
     // but they are not requests: a peer that only pings must not hold one
     // of `max_connections` for ever.
-    let (primary, d) = primary_only(&["header_read_timeout = \"300ms\""]).await;
-    let mut s = connect(d.running().addr).await;
-    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
-    write_all(&mut s, &hello).await;
+    let (primary, d) = primary_only(&["header_read_timeout = \"1s\""]).await;
+    let mut peer = H2Peer::open(d.running().addr, &[]).await;
+    let mut ping = frame_head(8, 6, 0, 0).to_vec();
+    ping.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
 
-    let closed = closed_while_pinging(
-        &mut s,
-        std::time::Duration::from_millis(50),
-        std::time::Duration::from_secs(20),
-    )
+    let closed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            tokio::select! {
+                seen = peer.next() => if seen == H2Seen::Closed { return },
+                _ = tick.tick() => if !peer.send(&ping).await { return },
+            }
+        }
+    })
     .await;
 
-    assert!(closed, "a connection that only pings was kept open");
+    assert!(closed.is_ok(), "a connection that only pings was kept open");
     assert!(primary.received().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_answer_read_slowly_for_longer_than_header_read_timeout_is_sent_whole() {
+    // A reader that grants 16 KiB of flow-control window every 50 ms takes
+    // about 0.8 s for a 256 KiB answer, past the 300 ms idle limit: an
+    // answer being sent is progress, PINGs alone are not.
+    const SIZE: usize = 256 << 10;
+    let primary = sink_with(Behavior::Body(200, SIZE)).await;
+    let d = Daemon::start(
+        &Conf::new()
+            .target("primary", &primary.url())
+            .server("header_read_timeout = \"300ms\""),
+    )
+    .await;
+    // SETTINGS: INITIAL_WINDOW_SIZE (4) = 16 KiB.
+    let mut peer = H2Peer::open(d.running().addr, &[0, 4, 0, 0, 0x40, 0]).await;
+    // HEADERS on stream 1, END_STREAM | END_HEADERS: GET http /big forkd.
+    let block = [&[0x82, 0x86, 0x44, 4][..], b"/big", &[0x41, 5], b"forkd"].concat();
+    let mut get = frame_head(block.len(), 1, 5, 1).to_vec();
+    get.extend_from_slice(&block);
+    assert!(peer.send(&get).await);
+
+    let (mut got, mut granted) = (0usize, 0usize);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+    let outcome = tokio::time::timeout(DEADLINE, async {
+        loop {
+            tokio::select! {
+                seen = peer.next() => match seen {
+                    H2Seen::Data(len, end) => {
+                        got += len;
+                        if end {
+                            return "ended";
+                        }
+                    }
+                    H2Seen::Closed => return "closed",
+                    H2Seen::Other => {}
+                },
+                _ = tick.tick() => {
+                    // Grant what was read since the last grant, on the
+                    // stream and on the connection.
+                    let more = u32::try_from(got - granted).unwrap();
+                    if more > 0 {
+                        let mut w = Vec::new();
+                        for stream in [1, 0] {
+                            w.extend_from_slice(&frame_head(4, 8, 0, stream));
+                            w.extend_from_slice(&more.to_be_bytes());
+                        }
+                        if !peer.send(&w).await {
+                            return "closed";
+                        }
+                        granted = got;
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or("timed out");
+
+    assert_eq!(outcome, "ended", "after {got} of {SIZE} bytes");
+    assert_eq!(got, SIZE);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

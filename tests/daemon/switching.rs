@@ -8,6 +8,21 @@ use http_body_util::Full;
 
 use crate::common::*;
 
+/// POSTs `path` in a task, once `hang` has the request (it never answers).
+async fn post_held_by(d: &Daemon, path: &str, hang: &Sink) -> tokio::task::JoinHandle<Reply> {
+    let client = d.client.clone();
+    let req = Request::post(d.url(path))
+        .body(Full::new(Bytes::from(path.to_owned())))
+        .unwrap();
+    let seen = hang.received().len();
+    let task = tokio::spawn(async move { send(&client, req).await });
+    wait_for("the request to reach the hanging target", async || {
+        hang.received().len() > seen
+    })
+    .await;
+    task
+}
+
 fn bodies(s: &forkd::sink::Sink) -> Vec<String> {
     delivered_bodies(s)
 }
@@ -358,17 +373,7 @@ async fn a_target_removed_by_reload_keeps_its_spool_open_for_the_requests_in_fli
         .target_line("primary", "timeout = \"3s\"")
         .target("backup", &backup.url());
     let d = Daemon::start(&conf.clone().active_passive("primary")).await;
-    let in_flight = {
-        let client = d.client.clone();
-        let req = Request::post(d.url("/in-flight"))
-            .body(Full::new(Bytes::from("in flight")))
-            .unwrap();
-        tokio::spawn(async move { send(&client, req).await })
-    };
-    wait_for("the request to reach the primary", async || {
-        hang.received().len() == 1
-    })
-    .await;
+    let in_flight = post_held_by(&d, "/in-flight", &hang).await;
 
     d.reload(
         &conf
@@ -393,6 +398,36 @@ async fn a_target_removed_by_reload_keeps_its_spool_open_for_the_requests_in_fli
     );
     assert_eq!(d.post("/after", "to the backup").await.status, 200);
     assert_eq!(bodies(&backup), ["to the backup"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_added_back_while_a_request_still_holds_its_old_spool_is_refused_then_reopens_it()
+{
+    let hang = sink_with(Behavior::Hang).await;
+    let backup = sink().await;
+    let conf = Conf::new()
+        .target("primary", &hang.url())
+        .target_line("primary", "timeout = \"4s\"")
+        .target("backup", &backup.url());
+    let d = Daemon::start(&conf.clone().active_passive("primary")).await;
+    let (removed, added_back) = (
+        conf.clone()
+            .remove_target("primary")
+            .active_passive("backup"),
+        conf.clone().active_passive("backup"),
+    );
+    let in_flight = post_held_by(&d, "/held", &hang).await;
+    d.reload(&removed).await.unwrap();
+
+    // Its old spool is open (and locked) while the request holds it.
+    let err = d.reload(&added_back).await.unwrap_err();
+    assert!(err.contains("still open"), "{err}");
+
+    assert_eq!(in_flight.await.unwrap().status, 202);
+    // Once the request is done, the old spool is closed before the target
+    // leaves the retiring list: one reload opens it again.
+    d.reload(&added_back).await.unwrap();
+    assert_eq!(d.target_status("primary").await["buffer_records"], 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
