@@ -939,7 +939,8 @@ async fn send_copy(t: &TargetRuntime, record: &Record, started: Instant) -> Sent
             Sent::Done(Outcome::Answered(a))
         }
         Attempt::Rejected(a) => {
-            t.keep_rejected(record, &a);
+            // Boxed: a rare path that should not size every copy's future.
+            Box::pin(t.keep_rejected(record, &a)).await;
             Sent::Done(Outcome::Rejected(a))
         }
         Attempt::Transient {

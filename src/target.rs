@@ -452,13 +452,21 @@ impl TargetRuntime {
         }
     }
 
-    /// Keeps a record the target refused for good, and logs it.
-    pub fn keep_rejected(&self, record: &crate::spool::Record, answer: &Answer) {
+    /// Keeps a record the target refused for good, and logs it. The
+    /// rejected area's file and directory syncs run off the async threads:
+    /// a stream of rejections must not stall every other request.
+    pub async fn keep_rejected(&self, record: &crate::spool::Record, answer: &Answer) {
         tracing::warn!(
             target = %self.name, request_id = %record.request_id, status = answer.status.as_u16(),
             "target rejected the request; kept in rejected/"
         );
-        if let Err(e) = self.spool.reject(record) {
+        let (spool, kept) = (self.spool.clone(), record.clone());
+        let failed = match tokio::task::spawn_blocking(move || spool.reject(&kept)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(e) = failed {
             tracing::error!(target = %self.name, request_id = %record.request_id, error = %e, "cannot keep rejected record");
         }
         self.count_result("rejected");
@@ -709,13 +717,16 @@ impl TargetRuntime {
             };
             let s = &batch[done];
             done += 1;
+            // Counted here, in order: a send that finished behind a failed
+            // one is not acknowledged and goes again, and counts then.
+            self.count_attempt(&attempt, &s.record);
             match attempt {
                 Attempt::Delivered(_) => {
                     self.count_result("delivered");
                     outcome.ack_to = Some(s.end);
                 }
                 Attempt::Rejected(answer) => {
-                    self.keep_rejected(&s.record, &answer);
+                    self.keep_rejected(&s.record, &answer).await;
                     outcome.ack_to = Some(s.end);
                 }
                 Attempt::Transient {
@@ -736,15 +747,14 @@ impl TargetRuntime {
         outcome
     }
 
-    /// One replay attempt, counted, under the config in force when it is
-    /// sent (a reload in the middle of a batch applies to the rest of it).
+    /// One replay attempt under the config in force when it is sent (a
+    /// reload in the middle of a batch applies to the rest of it).
     async fn replay_one(&self, s: &Spooled) -> Attempt {
         let start = Instant::now();
         let attempt = self.send_once(&self.conf(), &s.record, start).await;
         self.series
             .latency_replay
             .observe(start.elapsed().as_secs_f64());
-        self.count_attempt(&attempt, &s.record);
         attempt
     }
 
@@ -922,9 +932,13 @@ fn backoff_delay(
     }
 }
 
-/// The end of a `Retry-After` of `after` from now (`None` past the clock's range).
+/// The end of a `Retry-After` of `after` from now. One past the clock's
+/// range (`Retry-After: 18446744073709551615`) ends in a year: it is still
+/// honoured up to `max_backoff`, not ignored.
 fn deadline(after: Duration) -> Option<Instant> {
-    Instant::now().checked_add(after)
+    let now = Instant::now();
+    now.checked_add(after)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
 }
 
 /// What is left until `until`.
@@ -981,6 +995,25 @@ mod tests {
         let spool = Spool::open(dir.join("primary"), target.spool.clone())?;
         let t = TargetRuntime::new(target, config.raw.retry.clone(), spool, Metrics::new()?)?;
         Ok(t)
+    }
+
+    /// A `Retry-After` past the clock's range (a -1 sent unsigned) holds
+    /// the worker back for `max_backoff`, where it used to be ignored (the
+    /// next probe came within `initial_backoff`).
+    #[test]
+    fn a_retry_after_past_the_clocks_range_holds_the_worker_back_for_max_backoff() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let t = idle_target(dir.path())?;
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("18446744073709551615"),
+        );
+        let after = upstream::retry_after(&h, std::time::SystemTime::now()).ok_or("not parsed")?;
+        let until = deadline(after).ok_or("the Retry-After was ignored")?;
+        let max = t.retry.read().map_err(|e| e.to_string())?.max_backoff;
+        assert_eq!(t.retry_after_left(left_of(until)), max);
+        Ok(())
     }
 
     fn record(id: &str) -> Record {
