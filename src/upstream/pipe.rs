@@ -956,6 +956,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Partial>>, PipeError> 
     let http10 = resp.version == Some(0);
     let mut length: Option<usize> = None;
     let mut chunked = false;
+    let mut encoded = false;
     let mut close_after = http10;
     // Only the framing headers matter here (names compared as bytes: no
     // HeaderName is made for headers that are skipped).
@@ -976,6 +977,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Partial>>, PipeError> 
             continue;
         }
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            encoded = true;
             chunked = h
                 .value
                 .rsplit(|b| *b == b',')
@@ -1004,7 +1006,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Partial>>, PipeError> 
         Framing::Length(0)
     } else if chunked {
         Framing::Chunked
-    } else if let Some(n) = length {
+    } else if let (Some(n), false) = (length, encoded) {
         Framing::Length(n)
     } else {
         close_after = true;
@@ -1569,6 +1571,21 @@ mod tests {
         assert_eq!(h["x-empty"], "");
         assert_eq!(h["x-colon"], "a:b");
         assert_eq!(&buf[..], b"NEXT");
+        Ok(())
+    }
+
+    /// RFC 9112 §6.3: a transfer coding other than chunked last is read
+    /// until the target closes, whatever Content-Length says; framed by the
+    /// length, the bytes after it were taken for the next pipelined answer.
+    #[test]
+    fn an_answer_with_a_transfer_coding_other_than_chunked_is_read_until_the_target_closes()
+    -> TestResult {
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\nabcdef"[..],
+        );
+        let p = parse_head(&mut b)?.flatten().ok_or("no head parsed")?;
+        assert!(matches!(p.framing, Framing::UntilEof));
+        assert!(p.close_after);
         Ok(())
     }
 
