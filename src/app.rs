@@ -509,12 +509,7 @@ impl Control {
         }
         let spools: Vec<Spool> = runtimes.iter().map(|rt| rt.spool.clone()).collect();
         drop(runtimes);
-        let _ = tokio::task::spawn_blocking(move || {
-            for s in spools {
-                s.close();
-            }
-        })
-        .await;
+        close_spools(spools).await;
     }
 }
 
@@ -533,6 +528,12 @@ async fn close_unused(opened: Vec<Arc<TargetRuntime>>) {
     for rt in opened {
         rt.forget_metrics();
     }
+    close_spools(spools).await;
+}
+
+/// Closes `spools` (a final sync each, their locks released) off the async
+/// threads.
+async fn close_spools(spools: Vec<Spool>) {
     let _ = tokio::task::spawn_blocking(move || spools.into_iter().for_each(Spool::close)).await;
 }
 
@@ -572,8 +573,7 @@ async fn retire(
         if done.is_empty() {
             continue;
         }
-        let _ =
-            tokio::task::spawn_blocking(move || spools.into_iter().for_each(Spool::close)).await;
+        close_spools(spools).await;
         retiring
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -674,9 +674,7 @@ pub async fn start_on(
                     .map(|rt: &Arc<TargetRuntime>| rt.spool.clone())
                     .collect();
                 drop(runtimes);
-                let _ =
-                    tokio::task::spawn_blocking(move || spools.into_iter().for_each(Spool::close))
-                        .await;
+                close_spools(spools).await;
                 return Err(e);
             }
         }

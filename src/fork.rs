@@ -97,9 +97,8 @@ fn units(bytes: u64) -> u32 {
 
 impl Budget {
     pub fn new(max_bytes: u64) -> Self {
-        // A semaphore holds at most `Semaphore::MAX_PERMITS` (2^61).
-        let capacity =
-            units(max_bytes).min(u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
+        // `units` is a u32, far below `Semaphore::MAX_PERMITS` (2^61).
+        let capacity = units(max_bytes);
         Budget {
             sem: Arc::new(Semaphore::new(capacity as usize)),
             capacity,

@@ -175,7 +175,11 @@ impl TargetRuntime {
 
     /// The target config in force.
     pub fn config(&self) -> Arc<Target> {
-        self.conf().target.clone()
+        self.conf
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .target
+            .clone()
     }
 
     /// The target config in force with its clients.

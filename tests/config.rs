@@ -487,20 +487,20 @@ fn every_unset_variable_is_reported() {
 #[test]
 fn a_token_with_spaces_around_it_is_refused_since_it_could_never_match() {
     // A presented bearer token is trimmed like any header value.
-    let text = BASE.replace(
-        "listen = \"127.0.0.1:18080\"",
-        "listen = \"127.0.0.1:18080\"\nauth_tokens = [\"ingest-secret \"]",
-    );
-    assert_ne!(text, BASE);
-    let line = one_problem(&text);
-    assert!(line.starts_with("server.auth_tokens[0]: "), "{line}");
-    let text = BASE.replace(
-        "listen = \"127.0.0.1:19464\"",
-        "listen = \"127.0.0.1:19464\"\ntoken = \" admin-secret\"",
-    );
-    assert_ne!(text, BASE);
-    let line = one_problem(&text);
-    assert!(line.starts_with("admin.token: "), "{line}");
+    for (listen, token_line, problem) in [
+        (
+            "18080",
+            "auth_tokens = [\"ingest-secret \"]",
+            "server.auth_tokens[0]: ",
+        ),
+        ("19464", "token = \" admin-secret\"", "admin.token: "),
+    ] {
+        let listen = format!("listen = \"127.0.0.1:{listen}\"");
+        let text = BASE.replace(&listen, &format!("{listen}\n{token_line}"));
+        assert_ne!(text, BASE);
+        let line = one_problem(&text);
+        assert!(line.starts_with(problem), "{line}");
+    }
 }
 
 // ---------------------------------------------------------------- unknown keys

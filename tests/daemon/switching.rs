@@ -8,6 +8,19 @@ use http_body_util::Full;
 
 use crate::common::*;
 
+/// Active-passive: a primary that never answers (its copies fail after
+/// `timeout`) and a healthy backup. The config returned has no routing.
+async fn primary_that_hangs_for(timeout: &str) -> (Sink, Sink, Conf, Daemon) {
+    let hang = sink_with(Behavior::Hang).await;
+    let backup = sink().await;
+    let conf = Conf::new()
+        .target("primary", &hang.url())
+        .target_line("primary", &format!("timeout = \"{timeout}\""))
+        .target("backup", &backup.url());
+    let d = Daemon::start(&conf.clone().active_passive("primary")).await;
+    (hang, backup, conf, d)
+}
+
 /// POSTs `path` in a task, once `hang` has the request (it never answers).
 async fn post_held_by(d: &Daemon, path: &str, hang: &Sink) -> tokio::task::JoinHandle<Reply> {
     let client = d.client.clone();
@@ -366,13 +379,7 @@ async fn a_target_removed_by_reload_keeps_its_spool_open_for_the_requests_in_fli
     // The request in flight hangs at the primary (3 s timeout), so its copy
     // is spooled there after the reload that removes the primary: it
     // finishes under the routing it started with, and is not refused.
-    let hang = sink_with(Behavior::Hang).await;
-    let backup = sink().await;
-    let conf = Conf::new()
-        .target("primary", &hang.url())
-        .target_line("primary", "timeout = \"3s\"")
-        .target("backup", &backup.url());
-    let d = Daemon::start(&conf.clone().active_passive("primary")).await;
+    let (hang, backup, conf, d) = primary_that_hangs_for("3s").await;
     let in_flight = post_held_by(&d, "/in-flight", &hang).await;
 
     d.reload(
@@ -403,13 +410,7 @@ async fn a_target_removed_by_reload_keeps_its_spool_open_for_the_requests_in_fli
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_added_back_while_a_request_still_holds_its_old_spool_is_refused_then_reopens_it()
 {
-    let hang = sink_with(Behavior::Hang).await;
-    let backup = sink().await;
-    let conf = Conf::new()
-        .target("primary", &hang.url())
-        .target_line("primary", "timeout = \"4s\"")
-        .target("backup", &backup.url());
-    let d = Daemon::start(&conf.clone().active_passive("primary")).await;
+    let (hang, _backup, conf, d) = primary_that_hangs_for("4s").await;
     let (removed, added_back) = (
         conf.clone()
             .remove_target("primary")
